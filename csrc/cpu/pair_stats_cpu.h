@@ -1,0 +1,73 @@
+// CPU kernels of pair_stats: argument structs shared by the driver (pair_stats_kernel.cpp) and
+// the per-instruction-set builds of the loops (pair_stats_cpu_impl.h).
+//
+// Layout: the driver transposes h to hT[m][Bp] (Bp = B rounded up to the lane count, zero padded)
+// so that a unit's samples are contiguous. A pair (i, j) streams its samples in tiles of W lanes;
+// the per-lane loops have a fixed trip count so that the compiler vectorizes them, and the
+// per-element math is the shared header's (csrc/pair_stats_math.h).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "pair_stats_math.h"
+
+namespace mmim_ext {
+namespace cpu {
+
+// Lanes per tile: 64 bytes = two AVX2 registers (four SSE ones).
+template <typename T>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
+
+template <typename T>
+struct PairStatsCpuArgs {
+  const T* hT;            // [m][Bp] h transposed, zero padded
+  const int64_t* perms;   // [R][B]
+  const int64_t* pairs;   // [P][2] or nullptr for all i < j, row-major
+  const T* wa;            // [P][K] or [K]
+  const T* wb;
+  const T* bias;
+  const T* v;
+  const T* c;             // [P] or []
+  int64_t B, Bp, m, P, K, R;
+  int64_t pstride;        // K (one critic per pair) or 0 (shared)
+  int64_t cstride;        // 1 or 0
+};
+
+// Per-thread scratch of the forward: R gathered second arguments of the shuffled samples.
+template <typename T>
+struct FwdScratch {
+  T* bm;  // [R][Bp]
+};
+
+template <typename T>
+struct BwdScratch {
+  T* bm;       // [R][Bp] gathered second arguments of the shuffled samples
+  T* wm;       // [R][Bp] their weights exp(T - lme) * grad_lme / (R B), zero in padding
+  T* wj;       // [Bp] joint weights grad_t / B, zero in padding
+  T* gbm;      // [R][Bp] gradient w.r.t. the gathered second arguments
+  T* gh;       // [m][Bp] this thread's gradient w.r.t. hT
+  T* gshared;  // [4][K] this thread's gradient of a shared critic (wa, wb, bias, v)
+};
+
+// Calls f(p, i, j) for the pairs p in [begin, end).
+template <typename F>
+inline void for_each_pair(const int64_t* pairs, int64_t m, int64_t begin, int64_t end, F&& f) {
+  if (pairs != nullptr) {
+    for (int64_t p = begin; p < end; ++p) f(p, pairs[2 * p], pairs[2 * p + 1]);
+    return;
+  }
+  if (begin >= end) return;
+  int64_t i, j;
+  math::pair_from_index(begin, m, &i, &j);
+  for (int64_t p = begin; p < end; ++p) {
+    f(p, i, j);
+    if (++j == m) {
+      ++i;
+      j = i + 1;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace mmim_ext

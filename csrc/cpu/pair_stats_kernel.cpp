@@ -1,0 +1,290 @@
+// CPU kernels of pair_stats: argument checks, data staging, thread partitioning and reductions.
+// The per-pair loops are in pair_stats_cpu_impl.h, built once per instruction set; this file
+// picks the build at run time.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/pair_stats_cpu.h"
+#include "pair_stats.h"
+
+namespace mmim_ext {
+namespace cpu {
+
+// Declarations of the per-instruction-set builds (pair_stats_base.cpp, pair_stats_avx2.cpp).
+#define MMIM_DECLARE_CAPABILITY(NS)                                                                \
+  namespace NS {                                                                                   \
+  template <typename T>                                                                            \
+  void forward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);                    \
+  template <typename T>                                                                            \
+  void backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, const T*, \
+                      const BwdScratch<T>&, T*, T*, T*, T*);                                       \
+  }
+MMIM_DECLARE_CAPABILITY(base)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MMIM_HAVE_AVX2_BUILD 1
+MMIM_DECLARE_CAPABILITY(avx2)
+#endif
+#undef MMIM_DECLARE_CAPABILITY
+
+namespace {
+
+enum class Capability { kBase, kAvx2 };
+
+// The instruction set to run: the best one the CPU supports, or MMIM_EXT_CPU_CAPABILITY
+// ("base" / "avx2") when set, which lets the tests exercise every build on one machine.
+Capability detect_capability() {
+  Capability best = Capability::kBase;
+#ifdef MMIM_HAVE_AVX2_BUILD
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Capability::kAvx2;
+#endif
+  const char* env = std::getenv("MMIM_EXT_CPU_CAPABILITY");
+  if (env == nullptr || *env == '\0') return best;
+  const std::string want(env);
+  if (want == "base" || want == "default") return Capability::kBase;
+  if (want == "avx2") {
+    TORCH_CHECK(best == Capability::kAvx2,
+                "MMIM_EXT_CPU_CAPABILITY=avx2 but this CPU or build has no AVX2+FMA support");
+    return Capability::kAvx2;
+  }
+  TORCH_CHECK(false, "MMIM_EXT_CPU_CAPABILITY must be 'base' or 'avx2', got '", want, "'");
+  return best;
+}
+
+Capability capability() {
+  static const Capability cap = detect_capability();
+  return cap;
+}
+
+std::string cpu_capability_name() {
+  return capability() == Capability::kAvx2 ? "avx2" : "base";
+}
+
+template <typename T>
+void run_forward(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, T* bm, T* tj, T* lme) {
+#ifdef MMIM_HAVE_AVX2_BUILD
+  if (capability() == Capability::kAvx2) return avx2::forward_range<T>(g, b, e, bm, tj, lme);
+#endif
+  base::forward_range<T>(g, b, e, bm, tj, lme);
+}
+
+template <typename T>
+void run_backward(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, const T* gt, const T* gl,
+                  const T* lme, const BwdScratch<T>& s, T* gwa, T* gwb, T* gb, T* gv) {
+#ifdef MMIM_HAVE_AVX2_BUILD
+  if (capability() == Capability::kAvx2)
+    return avx2::backward_range<T>(g, b, e, gt, gl, lme, s, gwa, gwb, gb, gv);
+#endif
+  base::backward_range<T>(g, b, e, gt, gl, lme, s, gwa, gwb, gb, gv);
+}
+
+// Data checks that would otherwise read out of bounds: permutation rows and pair indices. Also
+// rejects non-finite h, which would make every statistic of its units NaN.
+void check_values(const at::Tensor& hc, const at::Tensor& perms_c, const at::Tensor* pairs_c,
+                  int64_t B, int64_t m) {
+  const int64_t R = perms_c.size(0);
+  const int64_t* pp = perms_c.data_ptr<int64_t>();
+  std::vector<char> seen(B);
+  for (int64_t r = 0; r < R; ++r) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t n = 0; n < B; ++n) {
+      const int64_t q = pp[r * B + n];
+      TORCH_CHECK(q >= 0 && q < B && !seen[q], "pair_stats: row ", r,
+                  " of 'perms' is not a permutation of 0..", B - 1);
+      seen[q] = 1;
+    }
+  }
+  if (pairs_c != nullptr) {
+    const int64_t* q = pairs_c->data_ptr<int64_t>();
+    for (int64_t t = 0; t < pairs_c->numel(); ++t) {
+      TORCH_CHECK(q[t] >= 0 && q[t] < m, "pair_stats: 'pairs' holds unit index ", q[t],
+                  ", expected all in [0, ", m - 1, "]");
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "pair_stats_check", [&] {
+    const scalar_t* x = hc.data_ptr<scalar_t>();
+    bool finite = true;
+    for (int64_t t = 0; t < hc.numel(); ++t) finite &= std::isfinite(x[t]);
+    TORCH_CHECK(finite, "pair_stats: 'h' contains NaN or infinite values");
+  });
+}
+
+// Everything the loops need, staged: h transposed and zero padded, contiguous parameters.
+struct Staged {
+  at::Tensor hT, perms, pairs, wa, wb, b, v, c;
+  PairStatsSizes s;
+  int64_t Bp;
+};
+
+Staged stage(const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
+             const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
+             const c10::optional<at::Tensor>& pairs) {
+  Staged st;
+  st.s = check_pair_stats_args(h, wa, wb, b, v, c, perms, pairs);
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble,
+              "pair_stats (CPU): 'h' must be float32 or float64, got ", h.scalar_type());
+  const int64_t B = st.s.B, m = st.s.m;
+  const int64_t W = h.scalar_type() == at::kFloat ? kLanes<float> : kLanes<double>;
+  st.Bp = (B + W - 1) / W * W;
+  st.perms = perms.contiguous();
+  if (pairs.has_value()) st.pairs = pairs->contiguous();
+  const at::Tensor hc = h.contiguous();
+  check_values(hc, st.perms, pairs.has_value() ? &st.pairs : nullptr, B, m);
+  st.hT = at::zeros({m, st.Bp}, h.options());
+  st.hT.narrow(1, 0, B).copy_(h.t());
+  st.wa = wa.contiguous();
+  st.wb = wb.contiguous();
+  st.b = b.contiguous();
+  st.v = v.contiguous();
+  st.c = c.contiguous();
+  return st;
+}
+
+template <typename T>
+PairStatsCpuArgs<T> make_args(const Staged& st) {
+  PairStatsCpuArgs<T> g;
+  g.hT = st.hT.data_ptr<T>();
+  g.perms = st.perms.data_ptr<int64_t>();
+  g.pairs = st.s.all_pairs ? nullptr : st.pairs.data_ptr<int64_t>();
+  g.wa = st.wa.data_ptr<T>();
+  g.wb = st.wb.data_ptr<T>();
+  g.bias = st.b.data_ptr<T>();
+  g.v = st.v.data_ptr<T>();
+  g.c = st.c.data_ptr<T>();
+  g.B = st.s.B;
+  g.Bp = st.Bp;
+  g.m = st.s.m;
+  g.P = st.s.P;
+  g.K = st.s.K;
+  g.R = st.s.R;
+  g.pstride = st.s.shared ? 0 : st.s.K;
+  g.cstride = st.s.shared ? 0 : 1;
+  return g;
+}
+
+// Pairs per parallel task: enough work per task to amortize the scheduling.
+int64_t grain(const PairStatsSizes& s) {
+  const int64_t work = std::max<int64_t>(1, s.B * (1 + s.R) * s.K);
+  return std::max<int64_t>(1, (int64_t{1} << 16) / work);
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const at::Tensor& wa,
+                                                      const at::Tensor& wb, const at::Tensor& b,
+                                                      const at::Tensor& v, const at::Tensor& c,
+                                                      const at::Tensor& perms,
+                                                      const c10::optional<at::Tensor>& pairs) {
+  const Staged st = stage(h, wa, wb, b, v, c, perms, pairs);
+  at::Tensor t_joint = at::empty({st.s.P}, h.options());
+  at::Tensor lme = at::empty({st.s.P}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pair_stats_fwd_cpu", [&] {
+    const PairStatsCpuArgs<scalar_t> g = make_args<scalar_t>(st);
+    scalar_t* tj = t_joint.data_ptr<scalar_t>();
+    scalar_t* lm = lme.data_ptr<scalar_t>();
+    at::parallel_for(0, st.s.P, grain(st.s), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> bm(static_cast<size_t>(g.R * g.Bp));
+      run_forward<scalar_t>(g, begin, end, bm.data(), tj, lm);
+    });
+  });
+  return {t_joint, lme};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_stats_bwd_cpu(
+    const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h, const at::Tensor& wa,
+    const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v, const at::Tensor& c,
+    const at::Tensor& perms, const c10::optional<at::Tensor>& pairs, const at::Tensor& lme) {
+  const Staged st = stage(h, wa, wb, b, v, c, perms, pairs);
+  const PairStatsSizes& s = st.s;
+  for (const at::Tensor* t : {&grad_t, &grad_lme, &lme}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == s.P && t->scalar_type() == h.scalar_type() &&
+                    t->device() == h.device(),
+                "pair_stats_bwd: gradients and lme must be [P] tensors in h's dtype with P=", s.P,
+                ", got ", t->sizes(), " ", t->scalar_type());
+  }
+  const at::Tensor gt_c = grad_t.contiguous(), gl_c = grad_lme.contiguous(), lme_c = lme.contiguous();
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t B = s.B, Bp = st.Bp, m = s.m, K = s.K, R = s.R;
+
+  at::Tensor grad_h = at::empty({B, m}, h.options());
+  at::Tensor gwa = at::zeros(wa.sizes(), h.options());
+  at::Tensor gwb = at::zeros(wa.sizes(), h.options());
+  at::Tensor gb = at::zeros(wa.sizes(), h.options());
+  at::Tensor gv = at::zeros(wa.sizes(), h.options());
+  at::Tensor gc;
+  if (s.shared) {
+    gc = gt_c.sum().add(gl_c.sum());
+  } else {
+    gc = gt_c.add(gl_c);  // d t_joint / d c = 1 and d lme / d c = 1
+  }
+
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pair_stats_bwd_cpu", [&] {
+    using T = scalar_t;
+    const PairStatsCpuArgs<T> g = make_args<T>(st);
+    // Per-thread gradient buffers: hT-shaped for h, [4][K] for a shared critic. Summed after the
+    // parallel region, in parallel over units, in a fixed order (deterministic).
+    at::Tensor gh_threads = at::zeros({nthreads, m, Bp}, h.options());
+    at::Tensor gs_threads = at::zeros({nthreads, 4, K}, h.options());
+    T* gh_all = gh_threads.data_ptr<T>();
+    T* gs_all = gs_threads.data_ptr<T>();
+    const T* gtp = gt_c.data_ptr<T>();
+    const T* glp = gl_c.data_ptr<T>();
+    const T* lmep = lme_c.data_ptr<T>();
+    T* gwap = gwa.data_ptr<T>();
+    T* gwbp = gwb.data_ptr<T>();
+    T* gbp = gb.data_ptr<T>();
+    T* gvp = gv.data_ptr<T>();
+    at::parallel_for(0, s.P, grain(s), [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      TORCH_CHECK(tid >= 0 && tid < nthreads, "pair_stats_bwd: unexpected thread id ", tid);
+      std::vector<T> scratch(static_cast<size_t>((3 * R + 1) * Bp));
+      BwdScratch<T> sc;
+      sc.bm = scratch.data();
+      sc.wm = sc.bm + R * Bp;
+      sc.gbm = sc.wm + R * Bp;
+      sc.wj = sc.gbm + R * Bp;
+      sc.gh = gh_all + tid * m * Bp;
+      sc.gshared = gs_all + tid * 4 * K;
+      run_backward<T>(g, begin, end, gtp, glp, lmep, sc, gwap, gwbp, gbp, gvp);
+    });
+    T* ghp = grad_h.data_ptr<T>();
+    at::parallel_for(0, m, 16, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        for (int64_t n = 0; n < B; ++n) {
+          T acc = T(0);
+          for (int64_t t = 0; t < nthreads; ++t) acc += gh_all[(t * m + u) * Bp + n];
+          ghp[n * m + u] = acc;
+        }
+      }
+    });
+    if (s.shared) {
+      at::Tensor red = gs_threads.sum(0);  // [4, K]
+      gwa.copy_(red[0]);
+      gwb.copy_(red[1]);
+      gb.copy_(red[2]);
+      gv.copy_(red[3]);
+    }
+  });
+  return {grad_h, gwa, gwb, gb, gv, gc};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace mmim_ext
+
+TORCH_LIBRARY_IMPL(mmim_ext, CPU, m) {
+  m.impl("pair_stats_fwd", &mmim_ext::cpu::pair_stats_fwd_cpu);
+  m.impl("pair_stats_bwd", &mmim_ext::cpu::pair_stats_bwd_cpu);
+}
+
+// cpu_capability takes no tensor, so it is registered for every dispatch key.
+TORCH_LIBRARY_IMPL(mmim_ext, CompositeImplicitAutograd, m) {
+  m.impl("cpu_capability", [] { return mmim_ext::cpu::cpu_capability_name(); });
+}

@@ -1,0 +1,29 @@
+// Op schemas of mmim_ext: every op is declared here, in the one TORCH_LIBRARY block; each device
+// registers its kernels in its own TORCH_LIBRARY_IMPL (csrc/cpu/, csrc/cuda/).
+//
+// There is no pybind module: importing mmim_ext._C only loads this library, which runs the
+// registrations (the pattern of pytorch/extension-cpp).
+#include <Python.h>
+#include <torch/library.h>
+
+// A module with no methods: `import mmim_ext._C` loads the shared library and its static
+// registrations. PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(mmim_ext, m) {
+  // Pairwise critic statistics (DESIGN.md §2). pairs = None means all i < j in row-major order.
+  m.def(
+      "pair_stats_fwd(Tensor h, Tensor wa, Tensor wb, Tensor b, Tensor v, Tensor c, Tensor perms, "
+      "Tensor? pairs) -> (Tensor, Tensor)");
+  // Gradients w.r.t. (h, wa, wb, b, v, c) given the upstream gradients of (t_joint, lme) and the
+  // forward's lme, which the backward uses to weight the shuffled samples by exp(T - lme).
+  m.def(
+      "pair_stats_bwd(Tensor grad_t_joint, Tensor grad_lme, Tensor h, Tensor wa, Tensor wb, "
+      "Tensor b, Tensor v, Tensor c, Tensor perms, Tensor? pairs, Tensor lme) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Name of the CPU instruction set the CPU kernels dispatch to ("avx2" or "base").
+  m.def("cpu_capability() -> str");
+}

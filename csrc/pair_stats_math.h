@@ -1,0 +1,167 @@
+// Per-element math of the pairwise critic statistics, shared by the CPU and CUDA kernels.
+//
+// Everything here is a small inline function on scalars, compiled for the host by the C++
+// compiler and for the device by nvcc (MMIM_HD expands to __host__ __device__ there), so the CPU
+// tests check the arithmetic the GPU runs. Only indexing, staging and reductions differ between
+// the two kernels.
+//
+// The critic of pair p is T(a, b) = c + sum_k v_k * relu(wa_k * a + wb_k * b + bias_k). Its first
+// layer is evaluated in two steps, u = wa*a + bias (shared by every sample that pairs the same a
+// with different b: the joint sample and all shuffled ones) and x = wb*b + u.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define MMIM_HD __host__ __device__ __forceinline__
+#else
+#define MMIM_HD inline __attribute__((always_inline))
+#endif
+
+namespace mmim_ext {
+namespace math {
+
+// ---- critic --------------------------------------------------------------------------------
+
+// First half of the first layer: the part that depends on the pair's first unit only.
+template <typename T>
+MMIM_HD T critic_u(T wa, T a, T bias) {
+  return wa * a + bias;
+}
+
+// Pre-activation of hidden unit k for second argument b.
+template <typename T>
+MMIM_HD T critic_x(T wb, T b, T u) {
+  return wb * b + u;
+}
+
+template <typename T>
+MMIM_HD T relu(T x) {
+  return x > T(0) ? x : T(0);
+}
+
+// Contribution of one hidden unit to T: v * relu(x).
+template <typename T>
+MMIM_HD T critic_unit(T v, T x) {
+  return v * relu(x);
+}
+
+// Backward of one hidden unit for a sample whose score has upstream weight g:
+// dT/dv = relu(x) and dT/dx = v * [x > 0]. Returns g*relu(x) (the v-gradient term) and writes
+// g * v * [x > 0] (the pre-activation gradient) to dx.
+template <typename T>
+MMIM_HD T critic_unit_backward(T v, T x, T g, T* dx) {
+  *dx = x > T(0) ? g * v : T(0);
+  return g * relu(x);
+}
+
+// ---- exp -----------------------------------------------------------------------------------
+
+// exp for the log-sum-exp. On the device the hardware exp is used. On the host, float uses a
+// branch-free range reduction and a degree-7 Taylor polynomial on |r| <= ln2/2 (relative error
+// below 2 ulp), written so that the compiler vectorizes it across lanes; double uses std::exp.
+// Arguments below -87 give a denormal-free tiny value instead of 0 (harmless in a sum that also
+// holds exp(0) = 1), arguments above 88 are clamped.
+MMIM_HD float exp_lse(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  // Round x/ln2 to the nearest integer with the 1.5*2^23 trick (no float->int rounding call,
+  // so it vectorizes at the baseline instruction set).
+  const float shifter = 12582912.0f;
+  float kf = x * 1.44269504088896341f + shifter;
+  int32_t kbits;
+  std::memcpy(&kbits, &kf, sizeof(kbits));
+  kf -= shifter;
+  const float r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187045e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  // 2^k from the low mantissa bits of kf + shifter: k sits there as an offset integer.
+  const int32_t scale_bits = (kbits - 0x4B400000 + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return p * scale;
+#endif
+}
+
+MMIM_HD double exp_lse(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+// ---- online log-sum-exp --------------------------------------------------------------------
+
+// Running state of log(sum exp(t)): the maximum seen and the sum of exp(t - max).
+template <typename T>
+struct LseState {
+  T max;
+  T sum;
+};
+
+template <typename T>
+MMIM_HD LseState<T> lse_empty() {
+  return LseState<T>{-INFINITY, T(0)};
+}
+
+// Merge two partial log-sum-exp states (associative and commutative up to rounding).
+template <typename T>
+MMIM_HD LseState<T> lse_merge(LseState<T> s, LseState<T> o) {
+  if (o.max == -INFINITY) return s;
+  if (s.max == -INFINITY) return o;
+  if (o.max > s.max) {
+    LseState<T> t = s;
+    s = o;
+    o = t;
+  }
+  return LseState<T>{s.max, s.sum + o.sum * exp_lse(o.max - s.max)};
+}
+
+// log of the mean of exp over `count` samples.
+template <typename T>
+MMIM_HD T lse_finish_mean(LseState<T> s, T count) {
+  return s.max + ::log(s.sum) - ::log(count);
+}
+
+// Weight of a shuffled sample in the backward: d lme / d T_n = exp(T_n - lme) / count.
+template <typename T>
+MMIM_HD T marginal_weight(T t, T lme, T grad_over_count) {
+  return grad_over_count * exp_lse(t - lme);
+}
+
+// ---- pair enumeration ----------------------------------------------------------------------
+
+// Index of the first pair (i, i+1) of row i among all pairs i < j of m units, row-major.
+MMIM_HD int64_t pair_row_offset(int64_t i, int64_t m) {
+  return i * (2 * m - i - 1) / 2;
+}
+
+// Inverse of the row-major enumeration: pair index p -> (i, j) with i < j.
+MMIM_HD void pair_from_index(int64_t p, int64_t m, int64_t* i_out, int64_t* j_out) {
+  // Solve offset(i) <= p for the largest i in floating point, then correct by one either way.
+  const double mm = static_cast<double>(2 * m - 1);
+  double disc = mm * mm - 8.0 * static_cast<double>(p);
+  disc = disc < 0.0 ? 0.0 : disc;
+  int64_t i = static_cast<int64_t>((mm - ::sqrt(disc)) / 2.0);
+  if (i < 0) i = 0;
+  if (i > m - 2) i = m - 2;
+  while (i > 0 && pair_row_offset(i, m) > p) --i;
+  while (i < m - 2 && pair_row_offset(i + 1, m) <= p) ++i;
+  *i_out = i;
+  *j_out = i + 1 + (p - pair_row_offset(i, m));
+}
+
+}  // namespace math
+}  // namespace mmim_ext

@@ -1,0 +1,57 @@
+"""Loading of the compiled extension ``mmim_ext._C``.
+
+Importing ``_C`` runs the ``TORCH_LIBRARY`` registrations of the C++/CUDA kernels. When it is
+missing (no compiler at install time, or ``MMIM_EXT_DISABLE=1``) every op falls back to its
+pure-PyTorch reference and one warning says so.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+__all__ = ["extension_loaded", "has_kernel", "load_error"]
+
+_loaded = False
+_error: str | None = None
+
+if os.environ.get("MMIM_EXT_DISABLE", "0") not in ("", "0"):
+    _error = "disabled by MMIM_EXT_DISABLE"
+else:
+    try:
+        from mmim_ext import _C  # noqa: F401  (the import registers the ops)
+
+        _loaded = True
+    except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+        _error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            "mmim_ext: the compiled extension could not be loaded "
+            f"({_error}); falling back to the pure-PyTorch reference ops.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def extension_loaded() -> bool:
+    """True when the compiled extension ``mmim_ext._C`` is loaded."""
+    return _loaded
+
+
+def load_error() -> str | None:
+    """Why the extension is not loaded (``None`` when it is)."""
+    return _error
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def has_kernel(op: str, device: torch.device | str) -> bool:
+    """True when ``mmim_ext::<op>`` has a compiled kernel for ``device``'s type."""
+    if not _loaded:
+        return False
+    key = _DISPATCH_KEYS.get(torch.device(device).type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mmim_ext::{op}", key)

@@ -1,0 +1,202 @@
+"""The pairwise critic-statistics op: public wrapper, validation, autograd and fake kernels.
+
+The fused kernels live in ``csrc/`` and are registered as ``mmim_ext::pair_stats_fwd`` and
+``mmim_ext::pair_stats_bwd``. Autograd is attached here with ``torch.library.register_autograd``
+(the backward is itself an op, so ``torch.compile`` and ``opcheck`` see both), and the fake
+kernels give shapes to the compiler. When the extension is missing every call goes to
+:func:`mmim_ext.reference.pair_stats_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmim_ext import _extension
+from mmim_ext.reference import pair_stats_reference
+
+__all__ = ["pair_stats", "fused_available", "num_pairs"]
+
+_FLOAT = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+_BACKENDS = ("auto", "fused", "reference")
+
+
+def num_pairs(m: int) -> int:
+    """Number of unordered pairs ``i < j`` among ``m`` units."""
+    return m * (m - 1) // 2
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def _validate(h, wa, wb, b, v, c, perms, pairs) -> tuple[int, bool]:
+    """Static checks (shapes, dtypes, devices); returns ``(P, shared)``.
+
+    These checks need no data, so they also run while ``torch.compile`` traces.
+    """
+    for name, t in (("h", h), ("wa", wa), ("wb", wb), ("b", b), ("v", v), ("c", c),
+                    ("perms", perms)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"pair_stats: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if pairs is not None and not isinstance(pairs, torch.Tensor):
+        raise TypeError(f"pair_stats: argument 'pairs' must be None or a torch.Tensor, got {type(pairs).__name__}")
+    if h.dim() != 2:
+        raise ValueError(f"pair_stats: argument 'h' must be 2-D [B, m], got shape {_fmt(h.shape)}")
+    B, m = h.shape
+    if B < 2:
+        raise ValueError(f"pair_stats: argument 'h' needs a batch of at least 2 samples, got B={B}")
+    if h.dtype not in _FLOAT + _HALF:
+        raise TypeError(f"pair_stats: argument 'h' must be float32 or float64, got {h.dtype}")
+    if h.dtype in _HALF and h.device.type != "cuda":
+        raise TypeError(
+            f"pair_stats: argument 'h' has dtype {h.dtype}, which is supported on CUDA only; "
+            "use float32 or float64 on the CPU"
+        )
+    dev = h.device
+    for name, t in (("wa", wa), ("wb", wb), ("b", b), ("v", v), ("c", c), ("perms", perms), ("pairs", pairs)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"pair_stats: argument '{name}' is on {t.device} but 'h' is on {dev}; all tensors must be on one device")
+    for name, t in (("wa", wa), ("wb", wb), ("b", b), ("v", v), ("c", c)):
+        if t.dtype != h.dtype:
+            raise TypeError(f"pair_stats: argument '{name}' must have h's dtype {h.dtype}, got {t.dtype}")
+
+    if pairs is None:
+        if m < 2:
+            raise ValueError(f"pair_stats: argument 'h' needs at least 2 units (columns) when pairs is None, got m={m}")
+        P = num_pairs(m)
+    else:
+        if pairs.dtype != torch.int64:
+            raise TypeError(f"pair_stats: argument 'pairs' must be int64, got {pairs.dtype}")
+        if pairs.dim() != 2 or pairs.shape[1] != 2:
+            raise ValueError(f"pair_stats: argument 'pairs' must have shape [P, 2], got {_fmt(pairs.shape)}")
+        P = pairs.shape[0]
+
+    if wa.dim() not in (1, 2):
+        raise ValueError(f"pair_stats: argument 'wa' must be [K] (shared critic) or [P, K] (one critic per pair), got {_fmt(wa.shape)}")
+    shared = wa.dim() == 1
+    K = wa.shape[-1]
+    if K < 1:
+        raise ValueError("pair_stats: argument 'wa' must have at least one hidden unit (K >= 1), got K=0")
+    want = (K,) if shared else (P, K)
+    for name, t in (("wb", wb), ("b", b), ("v", v)):
+        if tuple(t.shape) != want:
+            mode = "shared critic" if shared else f"one critic per pair, P={P}"
+            raise ValueError(f"pair_stats: argument '{name}' must have shape {_fmt(want)} ({mode}), got {_fmt(t.shape)}")
+    if not shared and wa.shape[0] != P:
+        raise ValueError(f"pair_stats: argument 'wa' must have shape [P, K] = {_fmt((P, K))} (one row per pair), got {_fmt(wa.shape)}")
+    want_c = () if shared else (P,)
+    if tuple(c.shape) != want_c:
+        raise ValueError(f"pair_stats: argument 'c' must have shape {_fmt(want_c)}, got {_fmt(c.shape)}")
+
+    if perms.dtype != torch.int64:
+        raise TypeError(f"pair_stats: argument 'perms' must be int64, got {perms.dtype}")
+    if perms.dim() != 2 or perms.shape[0] < 1:
+        raise ValueError(f"pair_stats: argument 'perms' must have shape [R, B] with R >= 1, got {_fmt(perms.shape)}")
+    if perms.shape[1] != B:
+        raise ValueError(f"pair_stats: every row of 'perms' must have length B={B}, got {_fmt(perms.shape)}")
+    return P, shared
+
+
+def _check_values(h, perms, pairs) -> None:
+    """Data-dependent checks; skipped while compiling (the compiled kernels check them too)."""
+    B, m = h.shape
+    ref = torch.arange(B, device=perms.device)
+    bad = (perms.sort(dim=1).values != ref).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"pair_stats: row {row} of 'perms' is not a permutation of 0..{B - 1}")
+    if pairs is not None and pairs.numel() > 0:
+        lo, hi = int(pairs.min()), int(pairs.max())
+        if lo < 0 or hi >= m:
+            raise ValueError(f"pair_stats: 'pairs' holds unit indices in [{lo}, {hi}], expected all in [0, {m - 1}] (m={m})")
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("pair_stats: argument 'h' contains NaN or infinite values")
+
+
+def fused_available(device: torch.device | str = "cpu") -> bool:
+    """True when a compiled ``pair_stats`` kernel exists for ``device``."""
+    return _extension.has_kernel("pair_stats_fwd", device)
+
+
+def pair_stats(h, wa, wb, b, v, c, perms, pairs=None, *, backend: str = "auto"):
+    """Pairwise critic statistics for MINE-style estimators.
+
+    For every pair ``p = (i, j)`` the critic ``T_p(x, y) = c_p + sum_k v_pk relu(wa_pk x + wb_pk y + b_pk)``
+    is averaged over the joint samples and log-mean-exp'ed over the shuffled samples:
+
+    * ``t_joint[p] = mean_n T_p(h[n, i], h[n, j])``
+    * ``lme[p] = log mean_{r, n} exp(T_p(h[n, i], h[perms[r, n], j]))``
+
+    ``t_joint - lme`` is the Donsker-Varadhan lower bound on ``I(h_i; h_j)`` in nats.
+
+    Args:
+        h: ``[B, m]`` activations, float32 or float64 (CUDA also float16/bfloat16 with float32
+            accumulation), any strides.
+        wa, wb, b, v: ``[K]`` (one critic shared by all pairs) or ``[P, K]`` (one per pair),
+            in ``h``'s dtype.
+        c: ``[]`` (shared) or ``[P]``.
+        perms: ``[R, B]`` int64, each row a permutation of ``0..B-1``.
+        pairs: ``None`` for all ``i < j`` in row-major order, or ``[P, 2]`` int64 in any order.
+        backend: ``"auto"`` (fused kernel when compiled for the device, else the reference),
+            ``"fused"`` (error when unavailable) or ``"reference"``.
+
+    Returns:
+        ``(t_joint, lme)``, each ``[P]`` in ``h``'s dtype, differentiable w.r.t. ``h, wa, wb, b, v, c``.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"pair_stats: argument 'backend' must be one of {_BACKENDS}, got {backend!r}")
+    _validate(h, wa, wb, b, v, c, perms, pairs)
+    if not torch.compiler.is_compiling():
+        _check_values(h, perms, pairs)
+    use_fused = backend == "fused" or (backend == "auto" and fused_available(h.device))
+    if use_fused:
+        if not fused_available(h.device):
+            why = _extension.load_error() or f"no kernel was compiled for device type '{h.device.type}'"
+            raise RuntimeError(f"pair_stats: backend='fused' is unavailable ({why})")
+        return torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+    return pair_stats_reference(h, wa, wb, b, v, c, perms, pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registrations: only when the compiled op exists.
+
+
+def _setup_context(ctx, inputs, output):
+    h, wa, wb, b, v, c, perms, pairs = inputs
+    _, lme = output
+    ctx.save_for_backward(h, wa, wb, b, v, c, perms, pairs, lme)
+
+
+def _backward(ctx, grad_t, grad_lme):
+    h, wa, wb, b, v, c, perms, pairs, lme = ctx.saved_tensors
+    grads = torch.ops.mmim_ext.pair_stats_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, lme)
+    return (*grads, None, None)
+
+
+def _double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "mmim_ext.pair_stats: double backward (create_graph=True through the fused kernel) is not "
+        "supported; use backend='reference' for higher-order gradients"
+    )
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    pass
+
+
+def _fake_fwd(h, wa, wb, b, v, c, perms, pairs):
+    P = num_pairs(h.shape[1]) if pairs is None else pairs.shape[0]
+    return h.new_empty(P), h.new_empty(P)
+
+
+def _fake_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, lme):
+    # The kernels return contiguous gradients whatever the inputs' strides.
+    return tuple(t.new_empty(t.shape) for t in (h, wa, wb, b, v, c))
+
+
+if _extension.extension_loaded():
+    torch.library.register_fake("mmim_ext::pair_stats_fwd")(_fake_fwd)
+    torch.library.register_fake("mmim_ext::pair_stats_bwd")(_fake_bwd)
+    torch.library.register_autograd("mmim_ext::pair_stats_fwd", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("mmim_ext::pair_stats_bwd", _double_backward, setup_context=_bwd_setup_context)

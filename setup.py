@@ -1,0 +1,102 @@
+"""Build of mmim_ext and its compiled extension ``mmim_ext._C``.
+
+Install with ``pip install --no-build-isolation .`` (or ``-e .``) against an installed torch.
+
+Environment switches:
+
+* ``MMIM_EXT_NO_EXTENSION=1``: install the pure-Python package only (everything falls back).
+* ``FORCE_CUDA=1`` / ``MMIM_WITH_CUDA=1``: build the CUDA kernels (needs ``CUDA_HOME`` and a CUDA
+  build of torch). Without them CUDA is built when both a toolkit and a CUDA build of torch are
+  present; ``MMIM_WITH_CUDA=0`` turns that off. No GPU is queried at build time.
+* ``TORCH_CUDA_ARCH_LIST``: CUDA architectures; default ``8.0;9.0+PTX`` when unset.
+* ``MAX_JOBS``: parallel compile jobs (read by torch's build helper).
+* ``MMIM_EXT_DEBUG=1``: ``-O0 -g``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool | None:
+    val = os.environ.get(name)
+    if val is None or val == "":
+        return None
+    return val not in ("0", "false", "False", "no")
+
+
+def _want_cuda() -> bool:
+    forced = _flag("FORCE_CUDA")
+    if forced is None:
+        forced = _flag("MMIM_WITH_CUDA")
+    if forced is not None:
+        return forced
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extensions():
+    if _flag("MMIM_EXT_NO_EXTENSION"):
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    debug = bool(_flag("MMIM_EXT_DEBUG"))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-fvisibility=hidden"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    define_macros = []
+    if _want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # Never ask a GPU: without one torch would guess; pick Ampere and Hopper (+PTX).
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        define_macros.append(("MMIM_WITH_CUDA", "1"))
+        nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
+        nvcc += ["-std=c++17", "-lineinfo"]
+        ext = CUDAExtension(
+            "mmim_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    else:
+        ext = CppExtension(
+            "mmim_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="mmim_ext",
+    version="0.1.0",
+    description="Fused pairwise MINE statistics, MMIM regularizers and information-plane tools for PyTorch",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mmim_ext", "mmim_ext.*"]),
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={
+        "plots": ["matplotlib"],
+        "experiments": ["matplotlib", "scikit-learn", "mnist1d"],
+    },
+    entry_points={"console_scripts": ["mmim-ext = mmim_ext.experiments.__main__:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
