@@ -49,7 +49,7 @@ def _extensions():
 
     debug = bool(_flag("MMIM_EXT_DEBUG"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fvisibility=hidden"]
+    cxx += ["-std=c++17", "-fvisibility=hidden", "-ffp-contract=fast"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []

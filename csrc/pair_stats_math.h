@@ -37,9 +37,17 @@ MMIM_HD T critic_x(T wb, T b, T u) {
   return wb * b + u;
 }
 
+// max(x, 0) and "y where x > 0, else 0" for scalars; the CPU kernel's SIMD type provides the
+// same two functions (found by argument-dependent lookup), so the critic below is written once
+// for scalars and vectors.
+MMIM_HD float max_zero(float x) { return x > 0.0f ? x : 0.0f; }
+MMIM_HD double max_zero(double x) { return x > 0.0 ? x : 0.0; }
+MMIM_HD float where_positive(float x, float y) { return x > 0.0f ? y : 0.0f; }
+MMIM_HD double where_positive(double x, double y) { return x > 0.0 ? y : 0.0; }
+
 template <typename T>
 MMIM_HD T relu(T x) {
-  return x > T(0) ? x : T(0);
+  return max_zero(x);
 }
 
 // Contribution of one hidden unit to T: v * relu(x).
@@ -49,12 +57,17 @@ MMIM_HD T critic_unit(T v, T x) {
 }
 
 // Backward of one hidden unit for a sample whose score has upstream weight g:
-// dT/dv = relu(x) and dT/dx = v * [x > 0]. Returns g*relu(x) (the v-gradient term) and writes
-// g * v * [x > 0] (the pre-activation gradient) to dx.
+// d(g T)/dv = g relu(x) ...
 template <typename T>
-MMIM_HD T critic_unit_backward(T v, T x, T g, T* dx) {
-  *dx = x > T(0) ? g * v : T(0);
+MMIM_HD T critic_unit_dv(T x, T g) {
   return g * relu(x);
+}
+
+// ... and d(g T)/dx = g v [x > 0], the gradient of the pre-activation, which flows to wa, wb,
+// bias (times a, b, 1) and to the pair's two arguments (times wa, wb).
+template <typename T>
+MMIM_HD T critic_unit_dx(T v, T x, T g) {
+  return where_positive(x, g * v);
 }
 
 // ---- exp -----------------------------------------------------------------------------------

@@ -18,7 +18,13 @@ _loaded = False
 _error: str | None = None
 
 if os.environ.get("MMIM_EXT_DISABLE", "0") not in ("", "0"):
-    _error = "disabled by MMIM_EXT_DISABLE"
+    _error = "disabled by MMIM_EXT_DISABLE=1"
+    warnings.warn(
+        "mmim_ext: the compiled extension is disabled (MMIM_EXT_DISABLE=1); falling back to the "
+        "pure-PyTorch reference ops.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 else:
     try:
         from mmim_ext import _C  # noqa: F401  (the import registers the ops)

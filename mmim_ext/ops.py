@@ -114,9 +114,15 @@ def _check_values(h, perms, pairs) -> None:
         raise ValueError("pair_stats: argument 'h' contains NaN or infinite values")
 
 
+# Looked up once at import (the dispatcher's answer cannot change afterwards, and a dict lookup
+# is traceable by torch.compile where the dispatcher query is not).
+_FUSED_DEVICES = {dev: _extension.has_kernel("pair_stats_fwd", dev) for dev in ("cpu", "cuda")}
+
+
 def fused_available(device: torch.device | str = "cpu") -> bool:
     """True when a compiled ``pair_stats`` kernel exists for ``device``."""
-    return _extension.has_kernel("pair_stats_fwd", device)
+    dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _FUSED_DEVICES.get(dev_type, False)
 
 
 def pair_stats(h, wa, wb, b, v, c, perms, pairs=None, *, backend: str = "auto"):
@@ -147,13 +153,13 @@ def pair_stats(h, wa, wb, b, v, c, perms, pairs=None, *, backend: str = "auto"):
     if backend not in _BACKENDS:
         raise ValueError(f"pair_stats: argument 'backend' must be one of {_BACKENDS}, got {backend!r}")
     _validate(h, wa, wb, b, v, c, perms, pairs)
-    if not torch.compiler.is_compiling():
-        _check_values(h, perms, pairs)
     use_fused = backend == "fused" or (backend == "auto" and fused_available(h.device))
+    if use_fused and not fused_available(h.device):
+        why = _extension.load_error() or f"no kernel was compiled for device type '{h.device.type}'"
+        raise RuntimeError(f"pair_stats: backend='fused' is unavailable ({why})")
+    if not torch.compiler.is_compiling() and h.device.type != "meta":
+        _check_values(h, perms, pairs)
     if use_fused:
-        if not fused_available(h.device):
-            why = _extension.load_error() or f"no kernel was compiled for device type '{h.device.type}'"
-            raise RuntimeError(f"pair_stats: backend='fused' is unavailable ({why})")
         return torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
     return pair_stats_reference(h, wa, wb, b, v, c, perms, pairs)
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "pair_stats_math.h"
 
@@ -18,6 +19,9 @@ namespace cpu {
 // Lanes per tile: 64 bytes = two AVX2 registers (four SSE ones).
 template <typename T>
 constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
+
+// Samples per chunk of the forward's score buffer (a multiple of every kLanes).
+constexpr int64_t kChunkSamples = 256;
 
 template <typename T>
 struct PairStatsCpuArgs {
@@ -34,12 +38,6 @@ struct PairStatsCpuArgs {
   int64_t cstride;        // 1 or 0
 };
 
-// Per-thread scratch of the forward: R gathered second arguments of the shuffled samples.
-template <typename T>
-struct FwdScratch {
-  T* bm;  // [R][Bp]
-};
-
 template <typename T>
 struct BwdScratch {
   T* bm;       // [R][Bp] gathered second arguments of the shuffled samples
@@ -48,6 +46,8 @@ struct BwdScratch {
   T* gbm;      // [R][Bp] gradient w.r.t. the gathered second arguments
   T* gh;       // [m][Bp] this thread's gradient w.r.t. hT
   T* gshared;  // [4][K] this thread's gradient of a shared critic (wa, wb, bias, v)
+  const T* const* src;  // [R] row pointers into bm
+  T* const* dst;        // [R] row pointers into wm
 };
 
 // Calls f(p, i, j) for the pairs p in [begin, end).

@@ -23,7 +23,7 @@ namespace cpu {
 #define MMIM_DECLARE_CAPABILITY(NS)                                                                \
   namespace NS {                                                                                   \
   template <typename T>                                                                            \
-  void forward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);                    \
+  void forward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*, T*);                \
   template <typename T>                                                                            \
   void backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, const T*, \
                       const BwdScratch<T>&, T*, T*, T*, T*);                                       \
@@ -70,11 +70,11 @@ std::string cpu_capability_name() {
 }
 
 template <typename T>
-void run_forward(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, T* bm, T* tj, T* lme) {
+void run_forward(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, T* bm, T* sc, T* tj, T* lme) {
 #ifdef MMIM_HAVE_AVX2_BUILD
-  if (capability() == Capability::kAvx2) return avx2::forward_range<T>(g, b, e, bm, tj, lme);
+  if (capability() == Capability::kAvx2) return avx2::forward_range<T>(g, b, e, bm, sc, tj, lme);
 #endif
-  base::forward_range<T>(g, b, e, bm, tj, lme);
+  base::forward_range<T>(g, b, e, bm, sc, tj, lme);
 }
 
 template <typename T>
@@ -191,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const
     scalar_t* lm = lme.data_ptr<scalar_t>();
     at::parallel_for(0, st.s.P, grain(st.s), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> bm(static_cast<size_t>(g.R * g.Bp));
-      run_forward<scalar_t>(g, begin, end, bm.data(), tj, lm);
+      std::vector<scalar_t> sc(static_cast<size_t>((1 + g.R) * kChunkSamples));
+      run_forward<scalar_t>(g, begin, end, bm.data(), sc.data(), tj, lm);
     });
   });
   return {t_joint, lme};
@@ -252,6 +253,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       sc.wj = sc.gbm + R * Bp;
       sc.gh = gh_all + tid * m * Bp;
       sc.gshared = gs_all + tid * 4 * K;
+      std::vector<const T*> src(R);
+      std::vector<T*> dst(R);
+      for (int64_t r = 0; r < R; ++r) {
+        src[r] = sc.bm + r * Bp;
+        dst[r] = sc.wm + r * Bp;
+      }
+      sc.src = src.data();
+      sc.dst = dst.data();
       run_backward<T>(g, begin, end, gtp, glp, lmep, sc, gwap, gwbp, gbp, gvp);
     });
     T* ghp = grad_h.data_ptr<T>();
