@@ -26,4 +26,8 @@ TORCH_LIBRARY(mmim_ext, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Name of the CPU instruction set the CPU kernels dispatch to ("avx2" or "base").
   m.def("cpu_capability() -> str");
+  // Row-wise Gaussian-kernel log-sum-exp (KDE information bounds, DESIGN.md §5):
+  // out[n] = log sum_l exp(-scale * ||x_n - y_l||^2); the backward takes the forward's out.
+  m.def("kde_lse(Tensor x, Tensor y, float scale) -> Tensor");
+  m.def("kde_lse_bwd(Tensor grad_out, Tensor x, Tensor y, float scale, Tensor out) -> (Tensor, Tensor)");
 }

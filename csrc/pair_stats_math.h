@@ -73,37 +73,52 @@ MMIM_HD T critic_unit_dx(T v, T x, T g) {
 // ---- exp -----------------------------------------------------------------------------------
 
 // exp for the log-sum-exp. On the device the hardware exp is used. On the host, float uses a
-// branch-free range reduction and a degree-7 Taylor polynomial on |r| <= ln2/2 (relative error
-// below 2 ulp), written so that the compiler vectorizes it across lanes; double uses std::exp.
-// Arguments below -87 give a denormal-free tiny value instead of 0 (harmless in a sum that also
-// holds exp(0) = 1), arguments above 88 are clamped.
+// branch-free range reduction exp(x) = 2^k exp(r), k = round(x / ln2), |r| <= ln2/2, and a
+// degree-7 Taylor polynomial for exp(r) (relative error below 2 ulp); the CPU kernel's SIMD
+// version (csrc/cpu) runs the same steps and the same polynomial on whole vectors. double uses
+// std::exp. Arguments below -87 give a tiny positive value instead of 0 (harmless in a sum that
+// also holds exp(0) = 1), arguments above 88 are clamped.
+struct ExpConst {
+  static constexpr float lo = -87.0f;
+  static constexpr float hi = 88.0f;
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693145751953125f;        // exact in float
+  static constexpr float ln2_lo = 1.428606765330187045e-06f;  // ln2 - ln2_hi
+  static constexpr float shifter = 12582912.0f;               // 1.5 * 2^23: rounds to integer
+  static constexpr int32_t shifter_bits = 0x4B400000;         // bit pattern of `shifter`
+};
+
+// exp(r) for |r| <= ln2/2 by Horner's rule on the Taylor series to degree 7; T is float or a
+// SIMD vector of floats.
+template <typename T>
+MMIM_HD T exp_poly7(T r) {
+  T p = T(1.0f / 5040.0f);
+  p = p * r + T(1.0f / 720.0f);
+  p = p * r + T(1.0f / 120.0f);
+  p = p * r + T(1.0f / 24.0f);
+  p = p * r + T(1.0f / 6.0f);
+  p = p * r + T(0.5f);
+  p = p * r + T(1.0f);
+  p = p * r + T(1.0f);
+  return p;
+}
+
 MMIM_HD float exp_lse(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  // Round x/ln2 to the nearest integer with the 1.5*2^23 trick (no float->int rounding call,
-  // so it vectorizes at the baseline instruction set).
-  const float shifter = 12582912.0f;
-  float kf = x * 1.44269504088896341f + shifter;
+  x = x < ExpConst::lo ? ExpConst::lo : x;
+  x = x > ExpConst::hi ? ExpConst::hi : x;
+  float kf = x * ExpConst::log2e + ExpConst::shifter;
   int32_t kbits;
   std::memcpy(&kbits, &kf, sizeof(kbits));
-  kf -= shifter;
-  const float r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  // 2^k from the low mantissa bits of kf + shifter: k sits there as an offset integer.
-  const int32_t scale_bits = (kbits - 0x4B400000 + 127) << 23;
+  kf -= ExpConst::shifter;
+  const float r = (x - kf * ExpConst::ln2_hi) - kf * ExpConst::ln2_lo;
+  // k sits in the low mantissa bits of kf + shifter; 2^k is built in the exponent field.
+  const int32_t scale_bits = (kbits - ExpConst::shifter_bits + 127) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
-  return p * scale;
+  return exp_poly7(r) * scale;
 #endif
 }
 
@@ -148,7 +163,9 @@ MMIM_HD T lse_finish_mean(LseState<T> s, T count) {
   return s.max + ::log(s.sum) - ::log(count);
 }
 
-// Weight of a shuffled sample in the backward: d lme / d T_n = exp(T_n - lme) / count.
+// Weight of a shuffled sample in the backward: grad_lme * d lme / d T_n = grad_over_count *
+// exp(T_n - lme), with grad_over_count = grad_lme / count. T may be a SIMD vector type that has
+// an exp_lse overload (found by argument-dependent lookup).
 template <typename T>
 MMIM_HD T marginal_weight(T t, T lme, T grad_over_count) {
   return grad_over_count * exp_lse(t - lme);

@@ -8,15 +8,14 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define MMIM_CPU_CAPABILITY avx2
+#define MMIM_VEC_AVX2 1
 #include "cpu/pair_stats_cpu_impl.h"
 
 namespace mmim_ext {
 namespace cpu {
 namespace avx2 {
-template void forward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, float*, float*, float*,
-                                   float*);
-template void forward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t, double*, double*, double*,
-                                    double*);
+template void forward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, float*, float*, float*);
+template void forward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t, double*, double*, double*);
 template void backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, const float*, const float*,
                                     const float*, const BwdScratch<float>&, float*, float*, float*, float*);
 template void backward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t, const double*,

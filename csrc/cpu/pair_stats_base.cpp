@@ -7,10 +7,8 @@
 namespace mmim_ext {
 namespace cpu {
 namespace base {
-template void forward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, float*, float*, float*,
-                                   float*);
-template void forward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t, double*, double*, double*,
-                                    double*);
+template void forward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, float*, float*, float*);
+template void forward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t, double*, double*, double*);
 template void backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, const float*, const float*,
                                     const float*, const BwdScratch<float>&, float*, float*, float*, float*);
 template void backward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t, const double*,

@@ -26,6 +26,8 @@ constexpr int64_t kChunkSamples = 256;
 template <typename T>
 struct PairStatsCpuArgs {
   const T* hT;            // [m][Bp] h transposed, zero padded
+  const T* hP;            // [R][m][Bp] second arguments of the shuffled samples:
+                          // hP[r][u][n] = hT[u][perms[r][n]], zero padded
   const int64_t* perms;   // [R][B]
   const int64_t* pairs;   // [P][2] or nullptr for all i < j, row-major
   const T* wa;            // [P][K] or [K]
@@ -40,14 +42,12 @@ struct PairStatsCpuArgs {
 
 template <typename T>
 struct BwdScratch {
-  T* bm;       // [R][Bp] gathered second arguments of the shuffled samples
-  T* wm;       // [R][Bp] their weights exp(T - lme) * grad_lme / (R B), zero in padding
-  T* wj;       // [Bp] joint weights grad_t / B, zero in padding
-  T* gbm;      // [R][Bp] gradient w.r.t. the gathered second arguments
+  T* wm;       // [R][Bp] weights of the shuffled samples, exp(T - lme) grad_lme / (R B)
+  T* wj;       // [Bp] weights of the joint samples, grad_t / B; both zero in the padding
+  T* dsum;     // [Bp] per-sample sum over sources of a hidden unit's pre-activation gradient
   T* gh;       // [m][Bp] this thread's gradient w.r.t. hT
+  T* gP;       // [R][m][Bp] this thread's gradient w.r.t. hP
   T* gshared;  // [4][K] this thread's gradient of a shared critic (wa, wb, bias, v)
-  const T* const* src;  // [R] row pointers into bm
-  T* const* dst;        // [R] row pointers into wm
 };
 
 // Calls f(p, i, j) for the pairs p in [begin, end).

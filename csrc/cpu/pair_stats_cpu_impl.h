@@ -4,17 +4,24 @@
 // each of which defines MMIM_CPU_CAPABILITY (the namespace of that build) and sets the target
 // instruction set before including it. pair_stats_kernel.cpp dispatches at run time.
 //
-// Work per pair (i, j), in tiles of W lanes over the batch:
-//   u[l]  = wa_k a[l] + bias_k                 once per tile and hidden unit, shared by the joint
+// Work per pair (i, j), in tiles of two SIMD vectors over the batch:
+//   u     = wa_k a + bias_k                    once per tile and hidden unit, shared by the joint
 //                                              sample and all R shuffled ones
-//   x[l]  = wb_k b_s[l] + u[l]                 for each source s (joint, shuffle 1..R)
-//   t_s[l] += v_k relu(x[l])
-// The joint scores are summed; the shuffled ones go through an online log-sum-exp (per tile:
-// max and sum of exp, merged into the running state). The critic's constant c shifts every
-// score equally, so it is added at the end and never enters the exponentials.
+//   x_s   = wb_k b_s + u                       for each source s (joint, shuffle 1..R)
+//   t_s  += v_k relu(x_s)
+// The joint scores are summed; the shuffled ones go through a log-sum-exp, chunk by chunk,
+// merged online. The critic's constant c shifts every score equally, so it is added at the end
+// and never enters the exponentials.
 
 #ifndef MMIM_CPU_CAPABILITY
 #error "define MMIM_CPU_CAPABILITY before including pair_stats_cpu_impl.h"
+#endif
+
+// The shared math templates were defined before this build's target pragma; `flatten` inlines
+// every call of the two entry points into them, so that all of that code is compiled for this
+// build's instruction set (a call would cross a target boundary and pass vectors in memory).
+#ifndef MMIM_FLATTEN
+#define MMIM_FLATTEN __attribute__((flatten))
 #endif
 
 namespace mmim_ext {
@@ -24,38 +31,78 @@ namespace MMIM_CPU_CAPABILITY {
 namespace detail {
 
 // A SIMD vector of 32 bytes (GCC/Clang vector extension): one AVX2 register in the AVX2 build,
-// two SSE registers in the baseline build. It provides the operators and the two functions the
-// shared critic math needs (max_zero, where_positive), so that math runs unchanged on it.
+// two SSE registers in the baseline build. It provides the operators and the functions the
+// shared math needs (max_zero, where_positive, exp_lse), so that math runs unchanged on it.
 template <typename T>
 struct Vec {
   static constexpr int L = 32 / static_cast<int>(sizeof(T));
   typedef T raw __attribute__((vector_size(32)));
   raw x;
 
+  Vec() = default;
+  explicit Vec(T s) : x(raw{} + s) {}  // broadcast
+  static Vec from_raw(raw r) {
+    Vec v;
+    v.x = r;
+    return v;
+  }
+
   static Vec load(const T* p) {
     Vec r;
     std::memcpy(&r.x, p, sizeof(raw));
     return r;
   }
-  static Vec bcast(T s) { return Vec{raw{} + s}; }
-  static Vec zero() { return Vec{raw{}}; }
+  static Vec zero() { return from_raw(raw{}); }
   void store(T* p) const { std::memcpy(p, &x, sizeof(raw)); }
   T sum() const {
     T s = T(0);
     for (int l = 0; l < L; ++l) s += x[l];
     return s;
   }
-  friend Vec operator+(Vec a, Vec b) { return Vec{a.x + b.x}; }
-  friend Vec operator*(Vec a, Vec b) { return Vec{a.x * b.x}; }
+  friend Vec operator+(Vec a, Vec b) { return from_raw(a.x + b.x); }
+  friend Vec operator-(Vec a, Vec b) { return from_raw(a.x - b.x); }
+  friend Vec operator*(Vec a, Vec b) { return from_raw(a.x * b.x); }
   Vec& operator+=(Vec b) {
     x += b.x;
     return *this;
   }
-  friend Vec max_zero(Vec a) { return Vec{a.x > raw{} ? a.x : raw{}}; }
-  friend Vec where_positive(Vec a, Vec y) { return Vec{a.x > raw{} ? y.x : raw{}}; }
+  friend Vec max_zero(Vec a) {
+#ifdef MMIM_VEC_AVX2
+    // One vmaxps/vmaxpd; same result as the select below (x > 0 ? x : 0, NaN -> 0).
+    if constexpr (sizeof(T) == 4) return from_raw(__builtin_ia32_maxps256(a.x, raw{}));
+    else return from_raw(__builtin_ia32_maxpd256(a.x, raw{}));
+#else
+    return from_raw(a.x > raw{} ? a.x : raw{});
+#endif
+  }
+  friend Vec where_positive(Vec a, Vec y) { return from_raw(a.x > raw{} ? y.x : raw{}); }
 };
 
-// Scores (without c) of one tile of W = 2 vectors for up to two sources (b1 may be null), with
+// exp of a vector (the shared header's exp_lse for SIMD vectors): double lanes one by one
+// (std::exp), float lanes with the header's range reduction and polynomial on whole vectors.
+inline Vec<double> exp_lse(Vec<double> x) {
+  Vec<double> r;
+  for (int l = 0; l < Vec<double>::L; ++l) r.x[l] = math::exp_lse(x.x[l]);
+  return r;
+}
+
+inline Vec<float> exp_lse(Vec<float> xin) {
+  using V = Vec<float>;
+  using C = math::ExpConst;
+  typedef int32_t iraw __attribute__((vector_size(32)));
+  V::raw x = xin.x;
+  x = x < C::lo ? V::raw{} + C::lo : x;
+  x = x > C::hi ? V::raw{} + C::hi : x;
+  V::raw kf = x * C::log2e + C::shifter;
+  const iraw kbits = (iraw)kf;  // GCC vector casts reinterpret the bits
+  kf -= C::shifter;
+  const V r = V::from_raw((x - kf * C::ln2_hi) - kf * C::ln2_lo);
+  const iraw scale_bits = (kbits - C::shifter_bits + 127) << 23;
+  const V scale = V::from_raw((V::raw)scale_bits);
+  return math::exp_poly7(r) * scale;
+}
+
+// Scores (without c) of one tile of 2 vectors for up to two sources (b1 may be null), with
 // u = wa a + bias computed once for both.
 template <typename T>
 inline void tile_scores2(const T* a, const T* b0, const T* b1, const T* wa, const T* wb,
@@ -69,7 +116,7 @@ inline void tile_scores2(const T* a, const T* b0, const T* b1, const T* wa, cons
     const V b00 = V::load(b0), b01 = V::load(b0 + L);
     const V b10 = V::load(b1), b11 = V::load(b1 + L);
     for (int64_t k = 0; k < K; ++k) {
-      const V wak = V::bcast(wa[k]), wbk = V::bcast(wb[k]), bk = V::bcast(bias[k]), vk = V::bcast(v[k]);
+      const V wak(wa[k]), wbk(wb[k]), bk(bias[k]), vk(v[k]);
       const V u0 = math::critic_u(wak, a0, bk), u1 = math::critic_u(wak, a1, bk);
       s00 += math::critic_unit(vk, math::critic_x(wbk, b00, u0));
       s01 += math::critic_unit(vk, math::critic_x(wbk, b01, u1));
@@ -81,7 +128,7 @@ inline void tile_scores2(const T* a, const T* b0, const T* b1, const T* wa, cons
   } else {
     const V b00 = V::load(b0), b01 = V::load(b0 + L);
     for (int64_t k = 0; k < K; ++k) {
-      const V wak = V::bcast(wa[k]), wbk = V::bcast(wb[k]), bk = V::bcast(bias[k]), vk = V::bcast(v[k]);
+      const V wak(wa[k]), wbk(wb[k]), bk(bias[k]), vk(v[k]);
       s00 += math::critic_unit(vk, math::critic_x(wbk, b00, math::critic_u(wak, a0, bk)));
       s01 += math::critic_unit(vk, math::critic_x(wbk, b01, math::critic_u(wak, a1, bk)));
     }
@@ -90,20 +137,8 @@ inline void tile_scores2(const T* a, const T* b0, const T* b1, const T* wa, cons
   s01.store(t0 + L);
 }
 
-// Gather the R shuffled second arguments of unit j: bm[r][n] = hT[j][perms[r][n]], zero padded.
-template <typename T>
-inline void gather_shuffled(const PairStatsCpuArgs<T>& g, int64_t j, T* bm) {
-  const T* src = g.hT + j * g.Bp;
-  for (int64_t r = 0; r < g.R; ++r) {
-    const int64_t* pr = g.perms + r * g.B;
-    T* dst = bm + r * g.Bp;
-    for (int64_t n = 0; n < g.B; ++n) dst[n] = src[pr[n]];
-    for (int64_t n = g.B; n < g.Bp; ++n) dst[n] = T(0);
-  }
-}
-
 // Scores (without c) of samples [n0, n1) of `nsrc` sources that share the first argument a:
-// dst[s][n - n0] = T(a[n], src[s][n]). n0, n1 are multiples of the tile width.
+// dst[s][n - n0] = T(a[n], src[s][n]). n0 and n1 are multiples of the tile width.
 template <typename T>
 inline void source_scores(const T* a, const T* const* src, T* const* dst, int64_t nsrc, int64_t n0,
                           int64_t n1, const T* wa, const T* wb, const T* bias, const T* v,
@@ -131,8 +166,7 @@ inline T range_sum(const T* x, int64_t n) {
   return s;
 }
 
-// Log-sum-exp state of x[0..n), n >= 1: the maximum, then the sum of exp(x - max) with the
-// vectorizable exp of the shared header.
+// Log-sum-exp state of x[0..n), n >= 1: the maximum, then the sum of exp(x - max).
 template <typename T>
 inline math::LseState<T> range_lse(const T* x, int64_t n) {
   using V = Vec<T>;
@@ -140,59 +174,90 @@ inline math::LseState<T> range_lse(const T* x, int64_t n) {
   T mx = x[0];
   int64_t t = 0;
   if (n >= L) {
-    T lane_max[L];
-    for (int l = 0; l < L; ++l) lane_max[l] = x[l];
-    for (t = L; t + L <= n; t += L)
-      for (int l = 0; l < L; ++l) lane_max[l] = x[t + l] > lane_max[l] ? x[t + l] : lane_max[l];
-    for (int l = 0; l < L; ++l) mx = lane_max[l] > mx ? lane_max[l] : mx;
+    typename V::raw vm = V::load(x).x;
+    for (t = L; t + L <= n; t += L) {
+      const typename V::raw y = V::load(x + t).x;
+      vm = y > vm ? y : vm;
+    }
+    for (int l = 0; l < L; ++l) mx = vm[l] > mx ? vm[l] : mx;
   }
   for (; t < n; ++t) mx = x[t] > mx ? x[t] : mx;
+  const V vmx(mx);
   V acc = V::zero();
-  T e[L];
-  for (t = 0; t + L <= n; t += L) {
-    for (int l = 0; l < L; ++l) e[l] = math::exp_lse(x[t + l] - mx);
-    acc += V::load(e);
-  }
+  for (t = 0; t + L <= n; t += L) acc += exp_lse(V::load(x + t) - vmx);
   T sum = acc.sum();
   for (; t < n; ++t) sum += math::exp_lse(x[t] - mx);
   return math::LseState<T>{mx, sum};
 }
 
-// Critic gradients of one hidden unit, accumulated over samples (lanes summed at the end).
+// Backward of hidden unit k over all samples of `nsrc` sources sharing the first argument a.
+// Source s has second argument b[s] and per-sample weights w[s] (the upstream gradient of its
+// score); its argument gradient goes to gb[s]. Per sample, the pre-activation gradients of all
+// sources are summed first (into dsum [Bp]), because wa, bias and the first argument see only
+// their sum.
 template <typename T>
 struct UnitGrad {
   Vec<T> wa, wb, bias, v;
 };
 
-// Backward of hidden unit k over all samples of one source with per-sample weights w.
-// Accumulates the critic gradients into acc and the gradients w.r.t. the pair's arguments into
-// ga (first unit) and gb (this source's second argument).
 template <typename T>
-inline void unit_backward_source(int64_t Bp, const T* a, const T* b, const T* w, T wak_s, T wbk_s,
-                                 T bk_s, T vk_s, T* ga, T* gb, UnitGrad<T>& acc) {
+inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* const* w, T* const* gb,
+                          int64_t nsrc, T wak_s, T wbk_s, T bk_s, T vk_s, T* ga, T* dsum,
+                          UnitGrad<T>& acc) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  const V wak = V::bcast(wak_s), wbk = V::bcast(wbk_s), bk = V::bcast(bk_s), vk = V::bcast(vk_s);
-  for (int64_t n = 0; n < Bp; n += L) {
-    const V an = V::load(a + n), bn = V::load(b + n), wn = V::load(w + n);
-    const V x = math::critic_x(wbk, bn, math::critic_u(wak, an, bk));
-    const V dx = math::critic_unit_dx(vk, x, wn);
-    acc.v += math::critic_unit_dv(x, wn);
-    acc.wa += dx * an;
-    acc.wb += dx * bn;
-    acc.bias += dx;
-    (V::load(ga + n) + dx * wak).store(ga + n);
-    (V::load(gb + n) + dx * wbk).store(gb + n);
+  const V wak(wak_s), wbk(wbk_s), bk(bk_s), vk(vk_s);
+  V acc_v = V::zero(), acc_wb = V::zero(), acc_wa = V::zero(), acc_b = V::zero();
+  // Sources two at a time (u is shared); the last pass also applies the per-sample sum D.
+  for (int64_t s = 0; s < nsrc; s += 2) {
+    const bool two = s + 1 < nsrc, first = s == 0, last = s + 2 >= nsrc;
+    const T* __restrict b0 = b[s];
+    const T* __restrict w0 = w[s];
+    T* __restrict g0 = gb[s];
+    const T* __restrict b1 = two ? b[s + 1] : b0;
+    const T* __restrict w1 = two ? w[s + 1] : w0;
+    T* __restrict g1 = two ? gb[s + 1] : g0;
+    for (int64_t n = 0; n < Bp; n += L) {
+      const V an = V::load(a + n);
+      const V u = math::critic_u(wak, an, bk);
+      const V bn0 = V::load(b0 + n), wn0 = V::load(w0 + n);
+      const V x0 = math::critic_x(wbk, bn0, u);
+      const V dx0 = math::critic_unit_dx(vk, x0, wn0);
+      acc_v += math::critic_unit_dv(x0, wn0);
+      acc_wb += dx0 * bn0;
+      (V::load(g0 + n) + dx0 * wbk).store(g0 + n);
+      V D = dx0;
+      if (two) {
+        const V bn1 = V::load(b1 + n), wn1 = V::load(w1 + n);
+        const V x1 = math::critic_x(wbk, bn1, u);
+        const V dx1 = math::critic_unit_dx(vk, x1, wn1);
+        acc_v += math::critic_unit_dv(x1, wn1);
+        acc_wb += dx1 * bn1;
+        (V::load(g1 + n) + dx1 * wbk).store(g1 + n);
+        D += dx1;
+      }
+      if (!first) D += V::load(dsum + n);
+      if (last) {
+        acc_wa += D * an;
+        acc_b += D;
+        (V::load(ga + n) + D * wak).store(ga + n);
+      } else {
+        D.store(dsum + n);
+      }
+    }
   }
+  acc.v += acc_v;
+  acc.wb += acc_wb;
+  acc.wa += acc_wa;
+  acc.bias += acc_b;
 }
 
 }  // namespace detail
 
-// Forward for pairs [begin, end): t_joint[p], lme[p]. Scratch: bm [R][Bp] (the gathered second
-// arguments of the shuffled samples) and sc [1+R][kChunkSamples] (one chunk of
-// scores per source, small enough to stay in L1/L2).
+// Forward for pairs [begin, end): t_joint[p], lme[p]. Scratch sc: [1+R][kChunkSamples], one
+// chunk of scores per source (small enough to stay in L1/L2).
 template <typename T>
-void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, T* bm, T* sc, T* t_joint,
+MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, T* sc, T* t_joint,
                    T* lme) {
   const T inv_b = T(1) / static_cast<T>(g.B);
   const T count = static_cast<T>(g.R * g.B);
@@ -200,8 +265,6 @@ void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, T* 
   std::vector<const T*> src(nsrc);
   std::vector<T*> dst(nsrc);
   for (int64_t s = 0; s < nsrc; ++s) dst[s] = sc + s * kChunkSamples;
-  for (int64_t r = 0; r < g.R; ++r) src[1 + r] = bm + r * g.Bp;
-  int64_t last_j = -1;
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
     const T* wb = g.wb + p * g.pstride;
@@ -209,10 +272,7 @@ void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, T* 
     const T* v = g.v + p * g.pstride;
     const T* a = g.hT + i * g.Bp;
     src[0] = g.hT + j * g.Bp;
-    if (j != last_j) {
-      detail::gather_shuffled(g, j, bm);
-      last_j = j;
-    }
+    for (int64_t r = 0; r < g.R; ++r) src[1 + r] = g.hP + (r * g.m + j) * g.Bp;
     T jsum = T(0);
     math::LseState<T> st = math::lse_empty<T>();
     for (int64_t n0 = 0; n0 < g.B; n0 += kChunkSamples) {
@@ -228,52 +288,59 @@ void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, T* 
   });
 }
 
-// Backward for pairs [begin, end). Gradients w.r.t. h go to s.gh (this thread's [m][Bp] buffer);
-// per-pair critic gradients are written to gwa..gv (rows p), a shared critic's are accumulated
-// in s.gshared.
+// Backward for pairs [begin, end). Gradients w.r.t. hT and hP go to this thread's buffers s.gh,
+// s.gP; per-pair critic gradients are written to gwa..gv (rows p), a shared critic's are
+// accumulated in s.gshared.
 template <typename T>
-void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, const T* grad_t,
+MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, const T* grad_t,
                     const T* grad_lme, const T* lme, const BwdScratch<T>& s, T* gwa, T* gwb,
                     T* gbias, T* gv) {
   const bool shared = g.pstride == 0;
-  const int64_t K = g.K;
+  const int64_t K = g.K, R = g.R, Bp = g.Bp;
+  const int64_t nsrc = 1 + R;
+  std::vector<const T*> src(nsrc), wts(nsrc);
+  std::vector<T*> gsrc(nsrc), score_dst(R);
+  wts[0] = s.wj;
+  for (int64_t r = 0; r < R; ++r) {
+    wts[1 + r] = s.wm + r * Bp;
+    score_dst[r] = s.wm + r * Bp;
+  }
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
     const T* wb = g.wb + p * g.pstride;
     const T* bias = g.bias + p * g.pstride;
     const T* v = g.v + p * g.pstride;
     const T cp = g.c[p * g.cstride];
-    const T* a = g.hT + i * g.Bp;
-    const T* bj = g.hT + j * g.Bp;
-    T* ga = s.gh + i * g.Bp;
-    T* gbj = s.gh + j * g.Bp;
+    const T* a = g.hT + i * Bp;
+    src[0] = g.hT + j * Bp;
+    gsrc[0] = s.gh + j * Bp;
+    for (int64_t r = 0; r < R; ++r) {
+      src[1 + r] = g.hP + (r * g.m + j) * Bp;
+      gsrc[1 + r] = s.gP + (r * g.m + j) * Bp;
+    }
 
     // Sample weights: joint grad_t / B; shuffled grad_lme exp(T - lme) / (R B), recomputing
     // the scores instead of having stored them.
     const T gj = grad_t[p] / static_cast<T>(g.B);
-    for (int64_t n = 0; n < g.Bp; ++n) s.wj[n] = n < g.B ? gj : T(0);
-    detail::gather_shuffled(g, j, s.bm);
-    const T gl = grad_lme[p] / static_cast<T>(g.R * g.B);
-    detail::source_scores<T>(a, s.src, s.dst, g.R, 0, g.Bp, wa, wb, bias, v, g.K);
+    for (int64_t n = 0; n < Bp; ++n) s.wj[n] = n < g.B ? gj : T(0);
+    detail::source_scores<T>(a, src.data() + 1, score_dst.data(), R, 0, Bp, wa, wb, bias, v, K);
+    const T gl = grad_lme[p] / static_cast<T>(R * g.B);
     const T lme0 = lme[p] - cp;
-    for (int64_t r = 0; r < g.R; ++r) {
-      T* w = s.wm + r * g.Bp;
-      for (int64_t n = 0; n < g.Bp; ++n) {
-        const T wn = math::marginal_weight(w[n], lme0, gl);
-        w[n] = n < g.B ? wn : T(0);
+    {
+      using V = detail::Vec<T>;
+      const V lme0v(lme0), glv(gl);
+      for (int64_t r = 0; r < R; ++r) {
+        T* w = s.wm + r * Bp;
+        for (int64_t n = 0; n < Bp; n += V::L) math::marginal_weight(V::load(w + n), lme0v, glv).store(w + n);
+        for (int64_t n = g.B; n < Bp; ++n) w[n] = T(0);
       }
     }
-    for (int64_t n = 0; n < g.R * g.Bp; ++n) s.gbm[n] = T(0);
 
     for (int64_t k = 0; k < K; ++k) {
       detail::UnitGrad<T> acc{detail::Vec<T>::zero(), detail::Vec<T>::zero(), detail::Vec<T>::zero(),
                               detail::Vec<T>::zero()};
-      const T wak = wa[k], wbk = wb[k], bk = bias[k], vk = v[k];
-      detail::unit_backward_source<T>(g.Bp, a, bj, s.wj, wak, wbk, bk, vk, ga, gbj, acc);
-      for (int64_t r = 0; r < g.R; ++r) {
-        detail::unit_backward_source<T>(g.Bp, a, s.bm + r * g.Bp, s.wm + r * g.Bp, wak, wbk, bk, vk,
-                                        ga, s.gbm + r * g.Bp, acc);
-      }
+      detail::unit_backward<T>(Bp, a, src.data(), wts.data(), gsrc.data(), nsrc, wa[k], wb[k], bias[k],
+                               v[k], s.gh + i * Bp, s.dsum, acc);
       if (shared) {
         s.gshared[k] += acc.wa.sum();
         s.gshared[K + k] += acc.wb.sum();
@@ -285,12 +352,6 @@ void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, co
         gbias[p * K + k] = acc.bias.sum();
         gv[p * K + k] = acc.v.sum();
       }
-    }
-    // Scatter the shuffled samples' second-argument gradients back through the permutations.
-    for (int64_t r = 0; r < g.R; ++r) {
-      const int64_t* pr = g.perms + r * g.B;
-      const T* src = s.gbm + r * g.Bp;
-      for (int64_t n = 0; n < g.B; ++n) gbj[pr[n]] += src[n];
     }
   });
 }

@@ -23,7 +23,7 @@ namespace cpu {
 #define MMIM_DECLARE_CAPABILITY(NS)                                                                \
   namespace NS {                                                                                   \
   template <typename T>                                                                            \
-  void forward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*, T*);                \
+  void forward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);                    \
   template <typename T>                                                                            \
   void backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, const T*, \
                       const BwdScratch<T>&, T*, T*, T*, T*);                                       \
@@ -70,11 +70,11 @@ std::string cpu_capability_name() {
 }
 
 template <typename T>
-void run_forward(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, T* bm, T* sc, T* tj, T* lme) {
+void run_forward(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, T* sc, T* tj, T* lme) {
 #ifdef MMIM_HAVE_AVX2_BUILD
-  if (capability() == Capability::kAvx2) return avx2::forward_range<T>(g, b, e, bm, sc, tj, lme);
+  if (capability() == Capability::kAvx2) return avx2::forward_range<T>(g, b, e, sc, tj, lme);
 #endif
-  base::forward_range<T>(g, b, e, bm, sc, tj, lme);
+  base::forward_range<T>(g, b, e, sc, tj, lme);
 }
 
 template <typename T>
@@ -120,7 +120,7 @@ void check_values(const at::Tensor& hc, const at::Tensor& perms_c, const at::Ten
 
 // Everything the loops need, staged: h transposed and zero padded, contiguous parameters.
 struct Staged {
-  at::Tensor hT, perms, pairs, wa, wb, b, v, c;
+  at::Tensor hT, hP, perms, pairs, wa, wb, b, v, c;
   PairStatsSizes s;
   int64_t Bp;
 };
@@ -141,6 +141,24 @@ Staged stage(const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb, co
   check_values(hc, st.perms, pairs.has_value() ? &st.pairs : nullptr, B, m);
   st.hT = at::zeros({m, st.Bp}, h.options());
   st.hT.narrow(1, 0, B).copy_(h.t());
+  // The shuffled samples' second arguments, materialized once per call ([R][m][Bp], R times the
+  // size of h) so that every pair streams them contiguously instead of gathering.
+  const int64_t R = st.s.R, Bp = st.Bp;
+  st.hP = at::empty({R, m, Bp}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pair_stats_stage", [&] {
+    const scalar_t* src = st.hT.data_ptr<scalar_t>();
+    scalar_t* dst = st.hP.data_ptr<scalar_t>();
+    const int64_t* pp = st.perms.data_ptr<int64_t>();
+    at::parallel_for(0, R * m, 64, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t r = q / m, u = q % m;
+        const scalar_t* row = src + u * Bp;
+        scalar_t* out = dst + q * Bp;
+        for (int64_t n = 0; n < B; ++n) out[n] = row[pp[r * B + n]];
+        for (int64_t n = B; n < Bp; ++n) out[n] = scalar_t(0);
+      }
+    });
+  });
   st.wa = wa.contiguous();
   st.wb = wb.contiguous();
   st.b = b.contiguous();
@@ -153,6 +171,7 @@ template <typename T>
 PairStatsCpuArgs<T> make_args(const Staged& st) {
   PairStatsCpuArgs<T> g;
   g.hT = st.hT.data_ptr<T>();
+  g.hP = st.hP.data_ptr<T>();
   g.perms = st.perms.data_ptr<int64_t>();
   g.pairs = st.s.all_pairs ? nullptr : st.pairs.data_ptr<int64_t>();
   g.wa = st.wa.data_ptr<T>();
@@ -190,9 +209,8 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const
     scalar_t* tj = t_joint.data_ptr<scalar_t>();
     scalar_t* lm = lme.data_ptr<scalar_t>();
     at::parallel_for(0, st.s.P, grain(st.s), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> bm(static_cast<size_t>(g.R * g.Bp));
       std::vector<scalar_t> sc(static_cast<size_t>((1 + g.R) * kChunkSamples));
-      run_forward<scalar_t>(g, begin, end, bm.data(), sc.data(), tj, lm);
+      run_forward<scalar_t>(g, begin, end, sc.data(), tj, lm);
     });
   });
   return {t_joint, lme};
@@ -229,11 +247,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pair_stats_bwd_cpu", [&] {
     using T = scalar_t;
     const PairStatsCpuArgs<T> g = make_args<T>(st);
-    // Per-thread gradient buffers: hT-shaped for h, [4][K] for a shared critic. Summed after the
-    // parallel region, in parallel over units, in a fixed order (deterministic).
-    at::Tensor gh_threads = at::zeros({nthreads, m, Bp}, h.options());
+    // Per-thread gradient buffers: for hT and hP ([1+R][m][Bp]) and for a shared critic ([4][K]).
+    // Summed after the parallel region, in parallel over units, in a fixed order (deterministic).
+    at::Tensor gbuf = at::zeros({nthreads, 1 + R, m, Bp}, h.options());
     at::Tensor gs_threads = at::zeros({nthreads, 4, K}, h.options());
-    T* gh_all = gh_threads.data_ptr<T>();
+    T* gbuf_all = gbuf.data_ptr<T>();
     T* gs_all = gs_threads.data_ptr<T>();
     const T* gtp = gt_c.data_ptr<T>();
     const T* glp = gl_c.data_ptr<T>();
@@ -242,35 +260,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T* gwbp = gwb.data_ptr<T>();
     T* gbp = gb.data_ptr<T>();
     T* gvp = gv.data_ptr<T>();
+    const int64_t per_thread = (1 + R) * m * Bp;
     at::parallel_for(0, s.P, grain(s), [&](int64_t begin, int64_t end) {
       const int64_t tid = at::get_thread_num();
       TORCH_CHECK(tid >= 0 && tid < nthreads, "pair_stats_bwd: unexpected thread id ", tid);
-      std::vector<T> scratch(static_cast<size_t>((3 * R + 1) * Bp));
+      std::vector<T> scratch(static_cast<size_t>((R + 2) * Bp));
       BwdScratch<T> sc;
-      sc.bm = scratch.data();
-      sc.wm = sc.bm + R * Bp;
-      sc.gbm = sc.wm + R * Bp;
-      sc.wj = sc.gbm + R * Bp;
-      sc.gh = gh_all + tid * m * Bp;
+      sc.wm = scratch.data();
+      sc.wj = sc.wm + R * Bp;
+      sc.dsum = sc.wj + Bp;
+      sc.gh = gbuf_all + tid * per_thread;
+      sc.gP = sc.gh + m * Bp;
       sc.gshared = gs_all + tid * 4 * K;
-      std::vector<const T*> src(R);
-      std::vector<T*> dst(R);
-      for (int64_t r = 0; r < R; ++r) {
-        src[r] = sc.bm + r * Bp;
-        dst[r] = sc.wm + r * Bp;
-      }
-      sc.src = src.data();
-      sc.dst = dst.data();
       run_backward<T>(g, begin, end, gtp, glp, lmep, sc, gwap, gwbp, gbp, gvp);
     });
+    // grad_h[n, u] = sum over threads of gh[u][n] + sum over r of gP[r][u][n'] at n = perms[r][n'].
     T* ghp = grad_h.data_ptr<T>();
+    const int64_t* pp = st.perms.data_ptr<int64_t>();
     at::parallel_for(0, m, 16, [&](int64_t u0, int64_t u1) {
+      std::vector<T> row(static_cast<size_t>(Bp)), part(static_cast<size_t>(Bp));
       for (int64_t u = u0; u < u1; ++u) {
-        for (int64_t n = 0; n < B; ++n) {
-          T acc = T(0);
-          for (int64_t t = 0; t < nthreads; ++t) acc += gh_all[(t * m + u) * Bp + n];
-          ghp[n * m + u] = acc;
+        std::fill(row.begin(), row.end(), T(0));
+        for (int64_t t = 0; t < nthreads; ++t) {
+          const T* src = gbuf_all + t * per_thread + u * Bp;
+          for (int64_t n = 0; n < B; ++n) row[n] += src[n];
         }
+        for (int64_t r = 0; r < R; ++r) {
+          std::fill(part.begin(), part.end(), T(0));
+          for (int64_t t = 0; t < nthreads; ++t) {
+            const T* src = gbuf_all + t * per_thread + ((1 + r) * m + u) * Bp;
+            for (int64_t n = 0; n < B; ++n) part[n] += src[n];
+          }
+          const int64_t* pr = pp + r * B;
+          for (int64_t n = 0; n < B; ++n) row[pr[n]] += part[n];
+        }
+        for (int64_t n = 0; n < B; ++n) ghp[n * m + u] = row[n];
       }
     });
     if (s.shared) {
