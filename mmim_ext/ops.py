@@ -9,12 +9,20 @@ kernels give shapes to the compiler. When the extension is missing every call go
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mmim_ext import _extension
 from mmim_ext.reference import pair_stats_reference
 
 __all__ = ["pair_stats", "fused_available", "num_pairs"]
+
+#: Scratch budget of one fused call, in bytes. The CPU kernel stages the R shuffled copies of h
+#: and, in the backward, per-thread gradient buffers of that size; when R is so large that they
+#: would exceed this budget, the permutation rows are processed in groups and the groups'
+#: log-mean-exps combined (exactly, by a log-sum-exp weighted by group size).
+FUSED_SCRATCH_BYTES = 256 * 2**20
 
 _FLOAT = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -160,8 +168,33 @@ def pair_stats(h, wa, wb, b, v, c, perms, pairs=None, *, backend: str = "auto"):
     if not torch.compiler.is_compiling() and h.device.type != "meta":
         _check_values(h, perms, pairs)
     if use_fused:
-        return torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+        return _fused_grouped(h, wa, wb, b, v, c, perms, pairs)
     return pair_stats_reference(h, wa, wb, b, v, c, perms, pairs)
+
+
+@torch.compiler.assume_constant_result  # a plain int for the tracer (thread count at trace time)
+def _rows_per_call(B: int, m: int, R: int, itemsize: int) -> int:
+    """Permutation rows per fused call so that its scratch stays within FUSED_SCRATCH_BYTES."""
+    threads = max(1, torch.get_num_threads())
+    per_row = (threads + 1) * m * B * itemsize  # staged copy + per-thread gradient buffers
+    return max(1, min(R, FUSED_SCRATCH_BYTES // max(1, per_row) - 1))
+
+
+def _fused_grouped(h, wa, wb, b, v, c, perms, pairs):
+    R = perms.shape[0]
+    rows = _rows_per_call(h.shape[0], h.shape[1], R, h.element_size())
+    if rows >= R:
+        return torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+    # lme over all R rows = log( sum_g (R_g / R) exp(lme_g) ); t_joint is the same in every group.
+    t_joint, parts, logw = None, [], []
+    for start in range(0, R, rows):
+        group = perms[start:start + rows]
+        t, l = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, group, pairs)
+        t_joint = t if t_joint is None else t_joint
+        parts.append(l)
+        logw.append(math.log(group.shape[0] / R))
+    stacked = torch.stack(parts) + torch.tensor(logw, dtype=parts[0].dtype, device=parts[0].device)[:, None]
+    return t_joint, torch.logsumexp(stacked, dim=0)
 
 
 # ---------------------------------------------------------------------------------------------

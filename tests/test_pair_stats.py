@@ -172,6 +172,21 @@ def test_large_logits_stay_finite_and_exact(scale, dtype):
 
 
 @requires_fused
+@pytest.mark.parametrize("budget_rows", [1, 2])
+def test_many_permutation_rows_are_grouped_exactly(monkeypatch, budget_rows):
+    # A scratch budget that fits only `budget_rows` rows per call: 7 rows go in groups whose
+    # log-mean-exps are combined; values and gradients must not change.
+    from mmim_ext import ops
+
+    B, m = 10, 6
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(ops, "FUSED_SCRATCH_BYTES", (budget_rows + 1) * (threads + 1) * m * B * 8)
+    assert ops._rows_per_call(B, m, 7, 8) == budget_rows
+    inputs = make_inputs(B, m, 4, 7, shared=False, seed=21)
+    _assert_parity(inputs, torch.float64)
+
+
+@requires_fused
 def test_lme_is_bounded_by_max_score():
     # log-mean-exp lies between the mean and the max of the shuffled scores.
     inputs = make_inputs(20, 5, 4, 2, shared=True, scale=30.0)
