@@ -49,7 +49,9 @@ def _extensions():
 
     debug = bool(_flag("MMIM_EXT_DEBUG"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fvisibility=hidden", "-ffp-contract=fast"]
+    # The C++ standard is torch's choice (it passes -std=c++20 itself; its headers need it).
+    # -ffp-contract=fast lets the compiler fuse a*b+c into FMAs (off by default in ISO modes).
+    cxx += ["-fvisibility=hidden", "-ffp-contract=fast", "-Wno-psabi"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
@@ -60,7 +62,9 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("MMIM_WITH_CUDA", "1"))
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
-        nvcc += ["-std=c++17", "-lineinfo"]
+        # No -std here: torch's build passes its own (C++20 since torch 2.13; the 2.14 headers
+        # need it, e.g. std::strong_ordering), and nvcc rejects two -std options.
+        nvcc += ["-lineinfo"]
         ext = CUDAExtension(
             "mmim_ext._C",
             sources,
