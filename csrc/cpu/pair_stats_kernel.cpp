@@ -233,10 +233,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t B = s.B, Bp = st.Bp, m = s.m, K = s.K, R = s.R;
 
   at::Tensor grad_h = at::empty({B, m}, h.options());
-  at::Tensor gwa = at::zeros(wa.sizes(), h.options());
-  at::Tensor gwb = at::zeros(wa.sizes(), h.options());
-  at::Tensor gb = at::zeros(wa.sizes(), h.options());
-  at::Tensor gv = at::zeros(wa.sizes(), h.options());
+  // One critic per pair: the loops write every row, so no zero fill ([P, K] x 4 is large).
+  auto make_grad = [&] { return s.shared ? at::zeros(wa.sizes(), h.options()) : at::empty(wa.sizes(), h.options()); };
+  at::Tensor gwa = make_grad(), gwb = make_grad(), gb = make_grad(), gv = make_grad();
   at::Tensor gc;
   if (s.shared) {
     gc = gt_c.sum().add(gl_c.sum());
