@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -52,6 +53,14 @@ def _extensions():
     # The C++ standard is torch's choice (it passes -std=c++20 itself; its headers need it).
     # -ffp-contract=fast lets the compiler fuse a*b+c into FMAs (off by default in ISO modes).
     cxx += ["-fvisibility=hidden", "-ffp-contract=fast", "-Wno-psabi"]
+    link = []
+    import torch
+
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is an inline template whose OpenMP pragma is compiled into *this*
+        # library: without -fopenmp the CPU kernels would silently run on one thread.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
@@ -71,6 +80,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     else:
         ext = CppExtension(
@@ -79,6 +89,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
