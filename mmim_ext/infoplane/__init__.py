@@ -1,0 +1,19 @@
+"""Information planes: binned and KDE estimates of ``I(X;T)`` and ``I(T;Y)`` (bits), a recorder
+with forward hooks and a schedule of epochs, and the information-plane plot (DESIGN.md §5)."""
+
+from mmim_ext.infoplane.binned import BinnedMI, bin_indices, binned_mi, pattern_ids
+from mmim_ext.infoplane.kde import kde_entropy_term, kde_mi
+from mmim_ext.infoplane.recorder import ESTIMATORS, InfoPlaneRecorder, log_schedule, plot_infoplane
+
+__all__ = [
+    "BinnedMI",
+    "ESTIMATORS",
+    "InfoPlaneRecorder",
+    "bin_indices",
+    "binned_mi",
+    "kde_entropy_term",
+    "kde_mi",
+    "log_schedule",
+    "pattern_ids",
+    "plot_infoplane",
+]

@@ -1,0 +1,275 @@
+"""Information plane: binned and KDE estimators against direct computations, the recorder, plots."""
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mmim_ext.infoplane import InfoPlaneRecorder, bin_indices, binned_mi, kde_mi, log_schedule, pattern_ids
+
+
+def _direct_binned(t: np.ndarray, y: np.ndarray, n_bins: int, lo: float, hi: float):
+    """Shwartz-Ziv & Tishby by hand: tuples of bin indices, Counter, plug-in entropies (bits)."""
+    v = np.clip(t.astype(np.float64), lo, hi)
+    bins = np.minimum(np.floor((v - lo) / (hi - lo) * n_bins), n_bins - 1).astype(np.int64)
+    pats = [tuple(r) for r in bins]
+
+    def H(items):
+        c = Counter(items)
+        n = sum(c.values())
+        return -sum(k / n * math.log2(k / n) for k in c.values())
+
+    h_t = H(pats)
+    h_t_given_y = 0.0
+    for cls in set(y.tolist()):
+        sel = [p for p, lab in zip(pats, y.tolist()) if lab == cls]
+        h_t_given_y += len(sel) / len(pats) * H(sel)
+    return h_t, h_t - h_t_given_y, len(set(pats))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_binned_mi_matches_direct(seed):
+    rng = np.random.default_rng(seed)
+    N, d = rng.integers(20, 400), rng.integers(1, 5)
+    n_bins = int(rng.integers(2, 8))
+    lo, hi = -1.0, 1.0
+    t = rng.uniform(-1.3, 1.3, size=(N, d))
+    # Values on the range ends and on interior bin edges must land where the formula says.
+    t[0, 0], t[1 % N, 0] = lo, hi
+    t[2 % N, 0] = lo + (hi - lo) / n_bins
+    y = rng.integers(0, 3, size=N)
+    dtype = torch.float64 if seed % 2 else torch.float32
+    tt = torch.tensor(t, dtype=dtype)
+    res = binned_mi(tt, torch.tensor(y), n_bins, lo, hi, return_num_patterns=True)
+    h_t, i_ty, n_pat = _direct_binned(tt.double().numpy(), y, n_bins, lo, hi)
+    assert abs(res.i_xt - h_t) < 1e-6
+    assert abs(res.i_ty - i_ty) < 1e-6
+    assert res.n_patterns == n_pat
+    assert binned_mi(tt, torch.tensor(y), n_bins, lo, hi) == (res.i_xt, res.i_ty)
+
+
+def test_binned_mi_known_cases():
+    N = 64
+    t = torch.linspace(-0.99, 0.99, N).unsqueeze(1)
+    y = (t[:, 0] > 0).long()
+    # 64 bins over [-1, 1] and 64 evenly spread values: every sample its own pattern.
+    i_xt, i_ty = binned_mi(t, y, n_bins=64)
+    assert i_xt == pytest.approx(6.0, abs=1e-12)
+    assert i_ty == pytest.approx(1.0, abs=1e-12)  # the pattern determines the label
+    # Two bins split exactly at the label threshold: T = Y.
+    assert binned_mi(t, y, n_bins=2) == pytest.approx((1.0, 1.0), abs=1e-12)
+    # One bin: no information at all.
+    assert binned_mi(t, y, n_bins=1) == pytest.approx((0.0, 0.0), abs=1e-12)
+    # One-hot labels give the same answer as class indices.
+    assert binned_mi(t, nn.functional.one_hot(y), n_bins=8) == binned_mi(t, y, n_bins=8)
+
+
+def test_bin_indices_and_patterns():
+    t = torch.tensor([[-5.0, 0.0], [1.0, 0.49], [0.5, -1.0], [-5.0, 0.0]])
+    b = bin_indices(t, n_bins=4)
+    assert b.tolist() == [[0, 2], [3, 2], [3, 0], [0, 2]]
+    ids, n = pattern_ids(b)
+    assert n == 3 and ids[0] == ids[3] and len({int(ids[0]), int(ids[1]), int(ids[2])}) == 3
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: binned_mi(torch.randn(5, 2), torch.zeros(4, dtype=torch.long)), ValueError, "one label per row"),
+        (lambda: binned_mi(torch.randn(5, 2), torch.zeros(5, dtype=torch.long), n_bins=0), ValueError, "n_bins"),
+        (lambda: binned_mi(torch.randn(5, 2), torch.zeros(5, dtype=torch.long), lo=1.0, hi=1.0), ValueError, "lo < hi"),
+        (lambda: binned_mi(torch.tensor([[float("nan")]]), torch.zeros(1, dtype=torch.long)), ValueError, "NaN"),
+        (lambda: binned_mi(np.zeros((3, 2)), torch.zeros(3, dtype=torch.long)), TypeError, "'t' must be a torch.Tensor"),
+        (lambda: binned_mi(torch.randn(3, 2), torch.tensor([0.5, 1.0, 0.0])), ValueError, "integer class labels"),
+    ],
+)
+def test_binned_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def _direct_kde(t: np.ndarray, y: np.ndarray, var: float):
+    """The pairwise-distance bounds written out with explicit loops (nats -> bits)."""
+    def term(pts, s):
+        n = len(pts)
+        acc = 0.0
+        for i in range(n):
+            acc += -math.log(sum(math.exp(-s * float(((pts[i] - pts[j]) ** 2).sum())) for j in range(n)) / n)
+        return acc / n
+
+    out = {}
+    for name, s in (("upper", 1 / (2 * var)), ("lower", 1 / (8 * var))):
+        h = term(t, s)
+        hc = sum((y == c).mean() * term(t[y == c], s) for c in np.unique(y))
+        out[f"i_xt_{name}"] = h / math.log(2)
+        out[f"i_ty_{name}"] = (h - hc) / math.log(2)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("seed", range(3))
+def test_kde_mi_matches_direct(seed, backend):
+    rng = np.random.default_rng(seed)
+    N, d = 40, int(rng.integers(1, 4))
+    t = np.tanh(rng.normal(size=(N, d)) * 2)
+    y = rng.integers(0, 2 + seed, size=N)
+    var = float(rng.choice([0.01, 0.1, 1.0]))
+    got = kde_mi(torch.tensor(t), torch.tensor(y), var, backend=backend)
+    want = _direct_kde(t, y, var)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-9), k
+    # The Bhattacharyya estimate never exceeds the KL one, and I(X;T) <= log2 N.
+    assert got["i_xt_lower"] <= got["i_xt_upper"] + 1e-12 <= math.log2(N) + 1e-9
+
+
+def test_kde_mi_limits():
+    t = torch.linspace(-1, 1, 32, dtype=torch.float64).unsqueeze(1)
+    y = (t[:, 0] > 0).long()
+    tiny = kde_mi(t, y, 1e-8)  # kernels narrower than the spacing: every point its own component
+    assert tiny["i_xt_upper"] == pytest.approx(5.0, abs=1e-6)
+    assert tiny["i_ty_upper"] == pytest.approx(1.0, abs=1e-6)
+    huge = kde_mi(t, y, 1e8)  # one blob: no information
+    assert huge["i_xt_upper"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="noise_var"):
+        kde_mi(t, y, 0.0)
+
+
+def test_log_schedule():
+    s = log_schedule(1000, 20)
+    assert s[0] == 0 and s[-1] == 1000 and s == sorted(set(s))
+    assert 10 <= len(s) <= 21
+    assert sum(e <= 10 for e in s) >= 4  # dense at the start
+    assert log_schedule(0) == [0]
+
+
+def _tiny_setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(96, 4, generator=g)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))
+    return model, x, y
+
+
+def test_recorder_tiny_model_writes_json_csv_png(tmp_path):
+    import matplotlib.image as mpimg
+
+    torch.manual_seed(0)
+    model, x, y = _tiny_setup()
+    rec = InfoPlaneRecorder(model, ["1", "3", "4"], x, y, schedule=[0, 2, 5, 9], n_bins=10, noise_var=0.05,
+                            transforms={"4": lambda z: torch.softmax(z, 1)}, bin_range={"1": (-1, 1), "3": (-1, 1),
+                                                                                       "4": (0, 1)})
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    done = []
+    for epoch in range(10):
+        if rec.maybe_record(epoch):
+            done.append(epoch)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert done == [0, 2, 5, 9]
+    assert len(rec.records) == 4 * 3
+    # The recorded numbers are the estimators applied to the hooked activations.
+    acts = rec.activations()
+    last = {r["layer"]: r for r in rec.records if r["epoch"] == 9}
+    # (parameters changed after the epoch-9 record, so recompute on a fresh record instead)
+    fresh = {r["layer"]: r for r in rec.record(10)}
+    with torch.no_grad():
+        h1 = torch.tanh(model[0](x))
+    assert fresh["1"]["i_xt_bin"] == pytest.approx(binned_mi(h1, y, 10)[0], abs=1e-12)
+    assert fresh["4"]["i_ty_bin"] == pytest.approx(binned_mi(acts["4"], y, 10, 0.0, 1.0)[1], abs=1e-12)
+    assert fresh["3"]["i_xt_upper"] == pytest.approx(kde_mi(acts["3"], y, 0.05)["i_xt_upper"], abs=1e-6)
+    assert set(last) == {"1", "3", "4"} and model.training  # mode restored after evaluation
+
+    jpath, cpath, ppath = tmp_path / "ip.json", tmp_path / "ip.csv", tmp_path / "ip.png"
+    rec.to_json(str(jpath))
+    rec.to_csv(str(cpath))
+    rec.plot(str(ppath), estimator="kde_upper")
+    data = json.loads(jpath.read_text())
+    assert data["config"]["layers"] == ["1", "3", "4"] and data["config"]["units"] == "bits"
+    assert len(data["records"]) == 15
+    for r in data["records"]:
+        for k in ("i_xt_bin", "i_ty_bin", "n_patterns", "i_xt_upper", "i_xt_lower", "i_ty_upper", "i_ty_lower"):
+            assert math.isfinite(r[k])
+        assert 0 <= r["i_ty_bin"] <= r["i_xt_bin"] <= math.log2(96) + 1e-9
+    assert len(cpath.read_text().strip().splitlines()) == 16
+    img = mpimg.imread(str(ppath))
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    rgb = img[..., :3].reshape(-1, 3)
+    colours = np.unique((rgb * 255).round().astype(np.int64), axis=0)
+    # Non-trivial: axes, text and epoch-coloured markers give many colours and non-white pixels.
+    assert len(colours) > 50
+    assert (rgb.min(axis=1) < 0.5).mean() > 0.01
+
+
+def test_recorder_errors():
+    model, x, y = _tiny_setup()
+    with pytest.raises(ValueError, match="n_epochs"):
+        InfoPlaneRecorder(model, ["1"], x, y, schedule="log")
+    with pytest.raises(ValueError, match="rows"):
+        InfoPlaneRecorder(model, ["1"], x, y[:5], schedule="every")
+    with pytest.raises(ValueError, match="not part of"):
+        InfoPlaneRecorder(model, [nn.Tanh()], x, y, schedule="every")
+    rec = InfoPlaneRecorder(nn.Sequential(nn.Linear(4, 2)), {"unused": nn.Tanh()}, x, y, schedule="every")
+    with pytest.raises(RuntimeError, match="was not called"):
+        rec.record(0)
+
+
+def test_recorder_adaptive_range():
+    model, x, y = _tiny_setup()
+    rec = InfoPlaneRecorder(model, ["2"], x, y, schedule="every", bin_range=None, kde=False)
+    (r,) = rec.record(0)
+    with torch.no_grad():
+        t = model[2](torch.tanh(model[0](x)))
+    assert r["lo"] == pytest.approx(float(t.min())) and r["hi"] == pytest.approx(float(t.max()))
+    assert r["i_xt_bin"] == pytest.approx(binned_mi(t, y, 30, r["lo"], r["hi"])[0], abs=1e-12)
+    assert "i_xt_upper" not in r
+
+
+def test_twelve_bit_task_and_network():
+    from mmim_ext.experiments.infoplane import WIDTHS, _icosahedron, build_net, make_task
+
+    x, y, info = make_task()
+    assert x.shape == (4096, 12) and len(torch.unique(x, dim=0)) == 4096
+    assert 0.45 < info["positive_fraction"] < 0.55 and info["positive_fraction"] == float(y.double().mean())
+    # Spherical symmetry: a rotation mapping the icosahedron onto itself permutes the bits and
+    # must leave every label unchanged. Rotation by 120 degrees about the axis (1, 1, 1):
+    # (a, b, c) -> (c, a, b), which maps the vertex set to itself.
+    u = _icosahedron()
+    perm = [int(((u - u[i][[2, 0, 1]]).norm(dim=1)).argmin()) for i in range(12)]
+    assert sorted(perm) == list(range(12)) and perm != list(range(12))
+    xp = torch.empty_like(x)
+    xp[:, perm] = x  # bit i moves to the vertex its point is rotated onto
+    index = {tuple(r): n for n, r in enumerate(x.long().tolist())}
+    yp = y[[index[tuple(r)] for r in xp.long().tolist()]]
+    assert torch.equal(yp, y)
+    model, hidden, linears = build_net("tanh", seed=0)
+    assert [lin.out_features for lin in linears.values()] == list(WIDTHS[1:])
+    assert list(hidden) == ["h1", "h2", "h3", "h4", "h5"] and model(x).shape == (4096, 2)
+
+
+def test_infoplane_command_smoke(tmp_path):
+    from mmim_ext.experiments.__main__ import main
+
+    out = tmp_path / "ip"
+    # KDE is covered above; here it would only repeat 4096^2 sums per layer and recording.
+    argv = ["infoplane", "--epochs", "2", "--points", "2", "--activations", "tanh", "--out", str(out),
+            "--no-progress", "--no-kde"]
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    res = data["results"]["tanh"]
+    assert [a["epoch"] for a in res["accuracy"]] == [0, 1, 2]
+    assert {r["layer"] for r in res["infoplane"]} == {"h1", "h2", "h3", "h4", "h5", "out"}
+    assert len(res["grad_snr"]) == 2 * 6 and len(res["margins"]) == 3
+    assert [r["n_components"] for r in res["separability"]["end"]] == [1, 2, 3]
+    assert "i_xt_upper" not in res["infoplane"][0] and not (out / "infoplane_kde.png").exists()
+    pngs = ["infoplane_binned.png", "margins.png", "grad_snr.png"]
+    stamps = {p: (out / p).stat().st_mtime_ns for p in pngs}
+    assert all((out / p).stat().st_size > 20_000 for p in pngs)
+    assert main(["infoplane", "--replot", "--out", str(out)]) == 0
+    assert all((out / p).stat().st_mtime_ns >= stamps[p] for p in pngs)
+    assert main(["infoplane", "--activations", "sigmoid", "--out", str(out)]) == 2
