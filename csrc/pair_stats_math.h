@@ -107,8 +107,18 @@ MMIM_HD float exp_lse(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  x = x < ExpConst::lo ? ExpConst::lo : x;
-  x = x > ExpConst::hi ? ExpConst::hi : x;
+  // Clamp with integer bit selects rather than float ?: (GCC does not if-convert the latter at
+  // the baseline instruction set, which would keep loops calling this from vectorizing).
+  const float lo = ExpConst::lo, hi = ExpConst::hi;
+  int32_t xb, lb, hb;
+  std::memcpy(&xb, &x, sizeof(xb));
+  std::memcpy(&lb, &lo, sizeof(lb));
+  std::memcpy(&hb, &hi, sizeof(hb));
+  const int32_t below = -static_cast<int32_t>(x < lo);  // all ones when x < lo (or x = -inf)
+  const int32_t above = -static_cast<int32_t>(x > hi);
+  xb = (xb & ~below) | (lb & below);
+  xb = (xb & ~above) | (hb & above);
+  std::memcpy(&x, &xb, sizeof(x));
   float kf = x * ExpConst::log2e + ExpConst::shifter;
   int32_t kbits;
   std::memcpy(&kbits, &kf, sizeof(kbits));
