@@ -49,17 +49,6 @@ MMIM_HD T block_term(T s, T block_max) {
   return exp_lse(s - block_max);
 }
 
-// Add one score to a running state (for kernels that see scores one at a time).
-template <typename T>
-MMIM_HD LseState<T> lse_push(LseState<T> st, T s) {
-  if (s > st.max) {
-    // The old sum is rescaled to the new maximum; exp(-inf) of the empty state gives 0.
-    const T rescale = st.max == -INFINITY ? T(0) : exp_lse(st.max - s);
-    return LseState<T>{s, st.sum * rescale + T(1)};
-  }
-  return LseState<T>{st.max, st.sum + exp_lse(s - st.max)};
-}
-
 // log sum exp of everything merged into the state.
 template <typename T>
 MMIM_HD T lse_finish(LseState<T> st) {

@@ -339,7 +339,7 @@ def test_torch_compile_fullgraph():
 def test_backend_selection():
     inputs = make_inputs(6, 4, 2, 1, shared=True)
     assert mmim_ext.fused_available("cpu")
-    assert torch.ops.mmim_ext.cpu_capability() in ("avx2", "base")
+    assert torch.ops.mmim_ext.cpu_capability() in ("avx2", "base", "scalar")
     t_auto, _ = mmim_ext.pair_stats(*inputs)
     t_fused, _ = mmim_ext.pair_stats(*inputs, backend="fused")
     assert torch.equal(t_auto, t_fused)
@@ -391,6 +391,52 @@ def test_baseline_instruction_set_build(tmp_path):
     assert base["cap"] == "base"
     for key in ("t", "l", "g"):
         torch.testing.assert_close(torch.tensor(best[key]), torch.tensor(base[key]), rtol=1e-10, atol=1e-10)
+
+
+_BUILD_PARITY_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from conftest import make_inputs
+from test_pair_stats import _assert_parity
+cap = torch.ops.mmim_ext.cpu_capability()
+assert cap == sys.argv[1], (cap, sys.argv[1])
+cases = [  # B, m, K, R, shared, scale: B beyond one 256-sample chunk and off the lane count,
+           # large logits (scale) for the exp of the log-sum-exp
+    (2, 2, 1, 1, False, 1.0), (19, 5, 3, 2, True, 1.0), (300, 3, 4, 3, False, 1.0),
+    (33, 4, 16, 1, False, 40.0), (41, 6, 5, 2, True, 40.0),
+]
+for dtype in (torch.float64, torch.float32):
+    for B, m, K, R, shared, scale in cases:
+        _assert_parity(make_inputs(B, m, K, R, shared=shared, dtype=dtype, scale=scale, seed=B + m), dtype)
+    pairs = torch.tensor([[3, 1], [2, 2], [0, 4], [4, 0]])
+    _assert_parity(make_inputs(13, 5, 6, 2, shared=False, dtype=dtype, pairs=pairs), dtype)
+inputs = make_inputs(5, 3, 2, 2, shared=False, requires_grad=True, seed=9)
+assert torch.autograd.gradcheck(lambda *a: torch.ops.mmim_ext.pair_stats_fwd(*a, inputs[6], None),
+                                inputs[:6], eps=1e-6, atol=1e-7)
+print("ok", cap)
+"""
+
+
+@requires_fused
+@pytest.mark.parametrize("cap", ["scalar", "base"])
+def test_every_instruction_set_build_matches_reference(cap):
+    # "scalar" runs the shared header's scalar functions, those the CUDA kernels call: on a
+    # machine without a GPU this is how the tests exercise that arithmetic.
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MMIM_EXT_CPU_CAPABILITY=cap)
+    out = subprocess.run([sys.executable, "-c", _BUILD_PARITY_SCRIPT, cap, here], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == f"ok {cap}"
+
+
+def test_capability_env_rejects_unknown(tmp_path):
+    if not mmim_ext.fused_available("cpu"):
+        pytest.skip("compiled extension not built")
+    code = "import torch, mmim_ext; torch.ops.mmim_ext.cpu_capability()"
+    env = dict(os.environ, MMIM_EXT_CPU_CAPABILITY="avx9")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "MMIM_EXT_CPU_CAPABILITY must be 'scalar', 'base' or 'avx2'" in out.stderr
 
 
 # ---------------------------------------------------------------------------------------------

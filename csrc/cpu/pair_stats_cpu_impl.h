@@ -30,6 +30,42 @@ namespace MMIM_CPU_CAPABILITY {
 
 namespace detail {
 
+#ifdef MMIM_VEC_SCALAR
+// The scalar build: a "vector" of one lane whose functions are the shared header's scalar
+// overloads, so this build runs exactly the per-element functions the CUDA kernels call. It is
+// never picked automatically (MMIM_EXT_CPU_CAPABILITY=scalar); the tests compare it with the
+// reference and with the SIMD builds.
+template <typename T>
+struct Vec {
+  static constexpr int L = 1;
+  typedef T raw;
+  raw x;
+
+  Vec() = default;
+  explicit Vec(T s) : x(s) {}
+  static Vec from_raw(raw r) {
+    Vec v;
+    v.x = r;
+    return v;
+  }
+  static Vec load(const T* p) { return from_raw(*p); }
+  static Vec zero() { return from_raw(T(0)); }
+  void store(T* p) const { *p = x; }
+  T sum() const { return x; }
+  T max_lane() const { return x; }
+  friend Vec operator+(Vec a, Vec b) { return from_raw(a.x + b.x); }
+  friend Vec operator-(Vec a, Vec b) { return from_raw(a.x - b.x); }
+  friend Vec operator*(Vec a, Vec b) { return from_raw(a.x * b.x); }
+  Vec& operator+=(Vec b) {
+    x += b.x;
+    return *this;
+  }
+  friend Vec vmax(Vec a, Vec b) { return from_raw(b.x > a.x ? b.x : a.x); }
+  friend Vec max_zero(Vec a) { return from_raw(math::max_zero(a.x)); }
+  friend Vec where_positive(Vec a, Vec y) { return from_raw(math::where_positive(a.x, y.x)); }
+  friend Vec exp_lse(Vec a) { return from_raw(math::exp_lse(a.x)); }
+};
+#else
 // A SIMD vector of 32 bytes (GCC/Clang vector extension): one AVX2 register in the AVX2 build,
 // two SSE registers in the baseline build. It provides the operators and the functions the
 // shared math needs (max_zero, where_positive, exp_lse), so that math runs unchanged on it.
@@ -59,6 +95,11 @@ struct Vec {
     for (int l = 0; l < L; ++l) s += x[l];
     return s;
   }
+  T max_lane() const {
+    T m = x[0];
+    for (int l = 1; l < L; ++l) m = x[l] > m ? x[l] : m;
+    return m;
+  }
   friend Vec operator+(Vec a, Vec b) { return from_raw(a.x + b.x); }
   friend Vec operator-(Vec a, Vec b) { return from_raw(a.x - b.x); }
   friend Vec operator*(Vec a, Vec b) { return from_raw(a.x * b.x); }
@@ -66,6 +107,7 @@ struct Vec {
     x += b.x;
     return *this;
   }
+  friend Vec vmax(Vec a, Vec b) { return from_raw(b.x > a.x ? b.x : a.x); }
   friend Vec max_zero(Vec a) {
 #ifdef MMIM_VEC_AVX2
     // One vmaxps/vmaxpd; same result as the select below (x > 0 ? x : 0, NaN -> 0).
@@ -101,6 +143,7 @@ inline Vec<float> exp_lse(Vec<float> xin) {
   const V scale = V::from_raw((V::raw)scale_bits);
   return math::exp_poly7(r) * scale;
 }
+#endif
 
 // Scores (without c) of one tile of 2 vectors for up to two sources (b1 may be null), with
 // u = wa a + bias computed once for both.
@@ -143,7 +186,7 @@ template <typename T>
 inline void source_scores(const T* a, const T* const* src, T* const* dst, int64_t nsrc, int64_t n0,
                           int64_t n1, const T* wa, const T* wb, const T* bias, const T* v,
                           int64_t K) {
-  constexpr int W = kLanes<T>;
+  constexpr int W = 2 * Vec<T>::L;  // one tile_scores2 tile; kLanes<T> (the padding) is a multiple
   T scratch[W];
   for (int64_t n = n0; n < n1; n += W) {
     for (int64_t s = 0; s < nsrc; s += 2) {
@@ -174,12 +217,9 @@ inline math::LseState<T> range_lse(const T* x, int64_t n) {
   T mx = x[0];
   int64_t t = 0;
   if (n >= L) {
-    typename V::raw vm = V::load(x).x;
-    for (t = L; t + L <= n; t += L) {
-      const typename V::raw y = V::load(x + t).x;
-      vm = y > vm ? y : vm;
-    }
-    for (int l = 0; l < L; ++l) mx = vm[l] > mx ? vm[l] : mx;
+    V vm = V::load(x);
+    for (t = L; t + L <= n; t += L) vm = vmax(vm, V::load(x + t));
+    mx = vm.max_lane();
   }
   for (; t < n; ++t) mx = x[t] > mx ? x[t] : mx;
   const V vmx(mx);

@@ -19,7 +19,8 @@
 namespace mmim_ext {
 namespace cpu {
 
-// Declarations of the per-instruction-set builds (pair_stats_base.cpp, pair_stats_avx2.cpp).
+// Declarations of the per-instruction-set builds (pair_stats_scalar.cpp, pair_stats_base.cpp,
+// pair_stats_avx2.cpp).
 #define MMIM_DECLARE_CAPABILITY(NS)                                                                \
   namespace NS {                                                                                   \
   template <typename T>                                                                            \
@@ -28,6 +29,7 @@ namespace cpu {
   void backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, const T*, \
                       const BwdScratch<T>&, T*, T*, T*, T*);                                       \
   }
+MMIM_DECLARE_CAPABILITY(scalar)
 MMIM_DECLARE_CAPABILITY(base)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MMIM_HAVE_AVX2_BUILD 1
@@ -37,10 +39,12 @@ MMIM_DECLARE_CAPABILITY(avx2)
 
 namespace {
 
-enum class Capability { kBase, kAvx2 };
+enum class Capability { kScalar, kBase, kAvx2 };
 
 // The instruction set to run: the best one the CPU supports, or MMIM_EXT_CPU_CAPABILITY
-// ("base" / "avx2") when set, which lets the tests exercise every build on one machine.
+// ("scalar" / "base" / "avx2") when set, which lets the tests exercise every build on one
+// machine. "scalar" is never chosen automatically: it runs the shared header's scalar functions
+// (those of the CUDA kernels) one sample at a time.
 Capability detect_capability() {
   Capability best = Capability::kBase;
 #ifdef MMIM_HAVE_AVX2_BUILD
@@ -50,13 +54,14 @@ Capability detect_capability() {
   const char* env = std::getenv("MMIM_EXT_CPU_CAPABILITY");
   if (env == nullptr || *env == '\0') return best;
   const std::string want(env);
+  if (want == "scalar") return Capability::kScalar;
   if (want == "base" || want == "default") return Capability::kBase;
   if (want == "avx2") {
     TORCH_CHECK(best == Capability::kAvx2,
                 "MMIM_EXT_CPU_CAPABILITY=avx2 but this CPU or build has no AVX2+FMA support");
     return Capability::kAvx2;
   }
-  TORCH_CHECK(false, "MMIM_EXT_CPU_CAPABILITY must be 'base' or 'avx2', got '", want, "'");
+  TORCH_CHECK(false, "MMIM_EXT_CPU_CAPABILITY must be 'scalar', 'base' or 'avx2', got '", want, "'");
   return best;
 }
 
@@ -66,7 +71,14 @@ Capability capability() {
 }
 
 std::string cpu_capability_name() {
-  return capability() == Capability::kAvx2 ? "avx2" : "base";
+  switch (capability()) {
+    case Capability::kAvx2:
+      return "avx2";
+    case Capability::kScalar:
+      return "scalar";
+    default:
+      return "base";
+  }
 }
 
 template <typename T>
@@ -74,6 +86,7 @@ void run_forward(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, T* sc, T* t
 #ifdef MMIM_HAVE_AVX2_BUILD
   if (capability() == Capability::kAvx2) return avx2::forward_range<T>(g, b, e, sc, tj, lme);
 #endif
+  if (capability() == Capability::kScalar) return scalar::forward_range<T>(g, b, e, sc, tj, lme);
   base::forward_range<T>(g, b, e, sc, tj, lme);
 }
 
@@ -84,6 +97,8 @@ void run_backward(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, const T* g
   if (capability() == Capability::kAvx2)
     return avx2::backward_range<T>(g, b, e, gt, gl, lme, s, gwa, gwb, gb, gv);
 #endif
+  if (capability() == Capability::kScalar)
+    return scalar::backward_range<T>(g, b, e, gt, gl, lme, s, gwa, gwb, gb, gv);
   base::backward_range<T>(g, b, e, gt, gl, lme, s, gwa, gwb, gb, gv);
 }
 
