@@ -56,18 +56,25 @@ MMIM_HD T critic_unit(T v, T x) {
   return v * relu(x);
 }
 
-// Backward of one hidden unit for a sample whose score has upstream weight g:
-// d(g T)/dv = g relu(x) ...
+// Backward of one hidden unit for a sample whose score has upstream weight g. Its gate is
+// g [x > 0] ...
 template <typename T>
-MMIM_HD T critic_unit_dv(T x, T g) {
-  return g * relu(x);
+MMIM_HD T critic_unit_gate(T x, T g) {
+  return where_positive(x, g);
 }
 
-// ... and d(g T)/dx = g v [x > 0], the gradient of the pre-activation, which flows to wa, wb,
-// bias (times a, b, 1) and to the pair's two arguments (times wa, wb).
+// ... d(g T)/dv = g relu(x) = gate x ...
 template <typename T>
-MMIM_HD T critic_unit_dx(T v, T x, T g) {
-  return where_positive(x, g * v);
+MMIM_HD T critic_unit_dv(T x, T gate) {
+  return gate * x;
+}
+
+// ... and d(g T)/dx = v gate, the gradient of the pre-activation, which flows to wa, wb, bias
+// (times a, b, 1) and to the pair's two arguments (times wa, wb). It is linear in the gate, so a
+// kernel may apply it to a sum of gates.
+template <typename T>
+MMIM_HD T critic_unit_dx(T v, T gate) {
+  return v * gate;
 }
 
 // ---- exp -----------------------------------------------------------------------------------

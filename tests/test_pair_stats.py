@@ -407,6 +407,9 @@ cases = [  # B, m, K, R, shared, scale: B beyond one 256-sample chunk and off th
 ]
 for dtype in (torch.float64, torch.float32):
     for B, m, K, R, shared, scale in cases:
+        # float32 logits in the hundreds make the sample weights exp(T - lme) depend on rounding
+        # in the last bits of T (the float32 reference has the same problem): scale 4 there.
+        scale = scale if dtype == torch.float64 else min(scale, 4.0)
         _assert_parity(make_inputs(B, m, K, R, shared=shared, dtype=dtype, scale=scale, seed=B + m), dtype)
     pairs = torch.tensor([[3, 1], [2, 2], [0, 4], [4, 0]])
     _assert_parity(make_inputs(13, 5, 6, 2, shared=False, dtype=dtype, pairs=pairs), dtype)

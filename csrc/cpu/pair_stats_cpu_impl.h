@@ -76,7 +76,9 @@ struct Vec {
   raw x;
 
   Vec() = default;
-  explicit Vec(T s) : x(raw{} + s) {}  // broadcast
+  // Broadcast. s - 0 == s exactly (also for -0), so this folds to one vbroadcastss; s + 0 would
+  // not (-0 + 0 = +0) and costs a scalar add per broadcast.
+  explicit Vec(T s) : x(s - raw{}) {}
   static Vec from_raw(raw r) {
     Vec v;
     v.x = r;
@@ -169,12 +171,26 @@ inline void tile_scores2(const T* a, const T* b0, const T* b1, const T* wa, cons
     s10.store(t1);
     s11.store(t1 + L);
   } else {
+    // One source: hidden units two at a time into separate sums, so that four accumulation
+    // chains (not two) hide the FMA latency.
     const V b00 = V::load(b0), b01 = V::load(b0 + L);
-    for (int64_t k = 0; k < K; ++k) {
+    V e00 = V::zero(), e01 = V::zero();
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+      const V wak(wa[k]), wbk(wb[k]), bk(bias[k]), vk(v[k]);
+      const V wak1(wa[k + 1]), wbk1(wb[k + 1]), bk1(bias[k + 1]), vk1(v[k + 1]);
+      s00 += math::critic_unit(vk, math::critic_x(wbk, b00, math::critic_u(wak, a0, bk)));
+      s01 += math::critic_unit(vk, math::critic_x(wbk, b01, math::critic_u(wak, a1, bk)));
+      e00 += math::critic_unit(vk1, math::critic_x(wbk1, b00, math::critic_u(wak1, a0, bk1)));
+      e01 += math::critic_unit(vk1, math::critic_x(wbk1, b01, math::critic_u(wak1, a1, bk1)));
+    }
+    for (; k < K; ++k) {
       const V wak(wa[k]), wbk(wb[k]), bk(bias[k]), vk(v[k]);
       s00 += math::critic_unit(vk, math::critic_x(wbk, b00, math::critic_u(wak, a0, bk)));
       s01 += math::critic_unit(vk, math::critic_x(wbk, b01, math::critic_u(wak, a1, bk)));
     }
+    s00 += e00;
+    s01 += e01;
   }
   s00.store(t0);
   s01.store(t0 + L);
@@ -232,64 +248,94 @@ inline math::LseState<T> range_lse(const T* x, int64_t n) {
 
 // Backward of hidden unit k over all samples of `nsrc` sources sharing the first argument a.
 // Source s has second argument b[s] and per-sample weights w[s] (the upstream gradient of its
-// score); its argument gradient goes to gb[s]. Per sample, the pre-activation gradients of all
-// sources are summed first (into dsum [Bp]), because wa, bias and the first argument see only
-// their sum.
+// score); its argument gradient goes to gb[s]. Per sample and source the unit's gate is
+// w [x > 0]; acc collects the sums over samples of gate*a, gate*b, gate and gate*x, from which
+// the caller forms the critic's gradients. Per sample, the gates of all sources are summed first
+// (into dsum [Bp] between passes), because wa, bias and the first argument see only their sum.
 template <typename T>
 struct UnitGrad {
-  Vec<T> wa, wb, bias, v;
+  Vec<T> ga, gb, g1, gx;  // sums of gate*a, gate*b, gate, gate*x
 };
+
+// One pass of unit_backward over the samples for one or two sources (kTwo); kFirst / kLast:
+// whether earlier / later passes exist that read or write dsum. Compile-time flags keep the
+// sample loop free of branches.
+template <typename T, bool kTwo, bool kFirst, bool kLast>
+inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0, const T* __restrict b1,
+                      const T* __restrict w0, const T* __restrict w1, T* __restrict g0, T* __restrict g1,
+                      T* __restrict ga, T* __restrict dsum, const Vec<T>& wak, const Vec<T>& wbk,
+                      const Vec<T>& bk, const Vec<T>& cwa, const Vec<T>& cwb, UnitGrad<T>& acc) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  // One accumulator per source and sum: a chain with two FMAs per iteration would bound the
+  // loop by the FMA latency.
+  V acc_x0 = V::zero(), acc_b0 = V::zero(), acc_x1 = V::zero(), acc_b1 = V::zero();
+  V acc_a = V::zero(), acc_1 = V::zero();
+  for (int64_t n = 0; n < Bp; n += L) {
+    const V an = V::load(a + n);
+    const V u = math::critic_u(wak, an, bk);
+    const V bn0 = V::load(b0 + n);
+    const V x0 = math::critic_x(wbk, bn0, u);
+    const V d0 = math::critic_unit_gate(x0, V::load(w0 + n));
+    acc_x0 += math::critic_unit_dv(x0, d0);
+    acc_b0 += d0 * bn0;
+    (V::load(g0 + n) + d0 * cwb).store(g0 + n);
+    V D = d0;
+    if constexpr (kTwo) {
+      const V bn1 = V::load(b1 + n);
+      const V x1 = math::critic_x(wbk, bn1, u);
+      const V d1 = math::critic_unit_gate(x1, V::load(w1 + n));
+      acc_x1 += math::critic_unit_dv(x1, d1);
+      acc_b1 += d1 * bn1;
+      (V::load(g1 + n) + d1 * cwb).store(g1 + n);
+      D += d1;
+    }
+    if constexpr (!kFirst) D += V::load(dsum + n);
+    if constexpr (kLast) {
+      acc_a += D * an;
+      acc_1 += D;
+      (V::load(ga + n) + D * cwa).store(ga + n);
+    } else {
+      D.store(dsum + n);
+    }
+  }
+  acc.gx += acc_x0 + acc_x1;
+  acc.gb += acc_b0 + acc_b1;
+  acc.ga += acc_a;
+  acc.g1 += acc_1;
+}
 
 template <typename T>
 inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* const* w, T* const* gb,
                           int64_t nsrc, T wak_s, T wbk_s, T bk_s, T vk_s, T* ga, T* dsum,
                           UnitGrad<T>& acc) {
   using V = Vec<T>;
-  constexpr int L = V::L;
-  const V wak(wak_s), wbk(wbk_s), bk(bk_s), vk(vk_s);
-  V acc_v = V::zero(), acc_wb = V::zero(), acc_wa = V::zero(), acc_b = V::zero();
+  const V wak(wak_s), wbk(wbk_s), bk(bk_s);
+  // d x / d a = wa and d x / d b = wb, times d T / d x = v gate (critic_unit_dx is linear in the
+  // gate, so it is applied to the parameters once).
+  const V cwa(math::critic_unit_dx(vk_s, wak_s)), cwb(math::critic_unit_dx(vk_s, wbk_s));
   // Sources two at a time (u is shared); the last pass also applies the per-sample sum D.
   for (int64_t s = 0; s < nsrc; s += 2) {
     const bool two = s + 1 < nsrc, first = s == 0, last = s + 2 >= nsrc;
-    const T* __restrict b0 = b[s];
-    const T* __restrict w0 = w[s];
-    T* __restrict g0 = gb[s];
-    const T* __restrict b1 = two ? b[s + 1] : b0;
-    const T* __restrict w1 = two ? w[s + 1] : w0;
-    T* __restrict g1 = two ? gb[s + 1] : g0;
-    for (int64_t n = 0; n < Bp; n += L) {
-      const V an = V::load(a + n);
-      const V u = math::critic_u(wak, an, bk);
-      const V bn0 = V::load(b0 + n), wn0 = V::load(w0 + n);
-      const V x0 = math::critic_x(wbk, bn0, u);
-      const V dx0 = math::critic_unit_dx(vk, x0, wn0);
-      acc_v += math::critic_unit_dv(x0, wn0);
-      acc_wb += dx0 * bn0;
-      (V::load(g0 + n) + dx0 * wbk).store(g0 + n);
-      V D = dx0;
-      if (two) {
-        const V bn1 = V::load(b1 + n), wn1 = V::load(w1 + n);
-        const V x1 = math::critic_x(wbk, bn1, u);
-        const V dx1 = math::critic_unit_dx(vk, x1, wn1);
-        acc_v += math::critic_unit_dv(x1, wn1);
-        acc_wb += dx1 * bn1;
-        (V::load(g1 + n) + dx1 * wbk).store(g1 + n);
-        D += dx1;
-      }
-      if (!first) D += V::load(dsum + n);
-      if (last) {
-        acc_wa += D * an;
-        acc_b += D;
-        (V::load(ga + n) + D * wak).store(ga + n);
-      } else {
-        D.store(dsum + n);
-      }
+    const T* b1 = two ? b[s + 1] : b[s];
+    const T* w1 = two ? w[s + 1] : w[s];
+    T* g1 = two ? gb[s + 1] : gb[s];
+#define MMIM_UNIT_PASS(TWO, FIRST, LAST)                                                              \
+  unit_pass<T, TWO, FIRST, LAST>(Bp, a, b[s], b1, w[s], w1, gb[s], g1, ga, dsum, wak, wbk, bk, cwa, cwb, \
+                                 acc)
+    if (first && last) {
+      if (two) MMIM_UNIT_PASS(true, true, true);
+      else MMIM_UNIT_PASS(false, true, true);
+    } else if (first) {
+      MMIM_UNIT_PASS(true, true, false);  // not last: a later pass exists, so this one has two
+    } else if (last) {
+      if (two) MMIM_UNIT_PASS(true, false, true);
+      else MMIM_UNIT_PASS(false, false, true);
+    } else {
+      MMIM_UNIT_PASS(true, false, false);
     }
+#undef MMIM_UNIT_PASS
   }
-  acc.v += acc_v;
-  acc.wb += acc_wb;
-  acc.wa += acc_wa;
-  acc.bias += acc_b;
 }
 
 }  // namespace detail
@@ -381,16 +427,22 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
                               detail::Vec<T>::zero()};
       detail::unit_backward<T>(Bp, a, src.data(), wts.data(), gsrc.data(), nsrc, wa[k], wb[k], bias[k],
                                v[k], s.gh + i * Bp, s.dsum, acc);
+      // d/dwa = v sum(gate a), d/dwb = v sum(gate b), d/dbias = v sum(gate),
+      // d/dv = sum(gate x) = sum(w relu(x)).
+      const T dwa = math::critic_unit_dx(v[k], acc.ga.sum());
+      const T dwb = math::critic_unit_dx(v[k], acc.gb.sum());
+      const T db = math::critic_unit_dx(v[k], acc.g1.sum());
+      const T dv = acc.gx.sum();
       if (shared) {
-        s.gshared[k] += acc.wa.sum();
-        s.gshared[K + k] += acc.wb.sum();
-        s.gshared[2 * K + k] += acc.bias.sum();
-        s.gshared[3 * K + k] += acc.v.sum();
+        s.gshared[k] += dwa;
+        s.gshared[K + k] += dwb;
+        s.gshared[2 * K + k] += db;
+        s.gshared[3 * K + k] += dv;
       } else {
-        gwa[p * K + k] = acc.wa.sum();
-        gwb[p * K + k] = acc.wb.sum();
-        gbias[p * K + k] = acc.bias.sum();
-        gv[p * K + k] = acc.v.sum();
+        gwa[p * K + k] = dwa;
+        gwb[p * K + k] = dwb;
+        gbias[p * K + k] = db;
+        gv[p * K + k] = dv;
       }
     }
   });

@@ -288,8 +288,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int q = 0; q < kSC; ++q) {
               const T x = math::critic_x(wb, b[t][q], u);
-              const T dx = math::critic_unit_dx(v, x, w[t][q]);
-              gv += math::critic_unit_dv(x, w[t][q]);
+              const T gate = math::critic_unit_gate(x, w[t][q]);
+              const T dx = math::critic_unit_dx(v, gate);
+              gv += math::critic_unit_dv(x, gate);
               gwb += dx * b[t][q];
               dxs += dx;
             }
@@ -372,7 +373,7 @@ __device__ __forceinline__ void gather_pair(const Args<T>& g, const BwdArgs<T>& 
 #pragma unroll
         for (int q = 0; q < kSC; ++q) {
           const T x = math::critic_x(wb, b[t][q], math::critic_u(wa, a[t][q], bias));
-          dxs += math::critic_unit_dx(v, x, wt[t][q]);
+          dxs += math::critic_unit_dx(v, math::critic_unit_gate(x, wt[t][q]));
         }
         acc[t] += dxs * (kFirst ? wa : wb);
       }
