@@ -300,12 +300,13 @@ def test_double_backward_works_on_reference():
 
 
 @requires_fused
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared", [True, False])
-def test_opcheck(shared):
-    h, wa, wb, b, v, c, perms, _ = make_inputs(6, 4, 3, 2, shared=shared, requires_grad=True)
+def test_opcheck(shared, device):
+    h, wa, wb, b, v, c, perms, _ = make_inputs(6, 4, 3, 2, shared=shared, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.mmim_ext.pair_stats_fwd.default, (h, wa, wb, b, v, c, perms, None))
     pairs = torch.tensor([[0, 3], [2, 1]])
-    args = make_inputs(6, 4, 3, 2, shared=shared, pairs=pairs, requires_grad=True)
+    args = make_inputs(6, 4, 3, 2, shared=shared, pairs=pairs, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.mmim_ext.pair_stats_fwd.default, args)
     t, l = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, None)
     gt, gl = torch.randn_like(t), torch.randn_like(l)

@@ -30,49 +30,32 @@ namespace MMIM_CPU_CAPABILITY {
 
 namespace detail {
 
+// The lanes of one vector. The SIMD builds use 32 bytes (GCC/Clang vector extension): one AVX2
+// register in the AVX2 build, two SSE registers in the baseline build. The scalar build uses one
+// lane whose functions are the shared header's scalar overloads, so that build runs exactly the
+// per-element functions the CUDA kernels call; it is never picked automatically
+// (MMIM_EXT_CPU_CAPABILITY=scalar), and the tests compare it with the reference.
 #ifdef MMIM_VEC_SCALAR
-// The scalar build: a "vector" of one lane whose functions are the shared header's scalar
-// overloads, so this build runs exactly the per-element functions the CUDA kernels call. It is
-// never picked automatically (MMIM_EXT_CPU_CAPABILITY=scalar); the tests compare it with the
-// reference and with the SIMD builds.
 template <typename T>
-struct Vec {
+struct VecRaw {
   static constexpr int L = 1;
-  typedef T raw;
-  raw x;
-
-  Vec() = default;
-  explicit Vec(T s) : x(s) {}
-  static Vec from_raw(raw r) {
-    Vec v;
-    v.x = r;
-    return v;
-  }
-  static Vec load(const T* p) { return from_raw(*p); }
-  static Vec zero() { return from_raw(T(0)); }
-  void store(T* p) const { *p = x; }
-  T sum() const { return x; }
-  T max_lane() const { return x; }
-  friend Vec operator+(Vec a, Vec b) { return from_raw(a.x + b.x); }
-  friend Vec operator-(Vec a, Vec b) { return from_raw(a.x - b.x); }
-  friend Vec operator*(Vec a, Vec b) { return from_raw(a.x * b.x); }
-  Vec& operator+=(Vec b) {
-    x += b.x;
-    return *this;
-  }
-  friend Vec vmax(Vec a, Vec b) { return from_raw(b.x > a.x ? b.x : a.x); }
-  friend Vec max_zero(Vec a) { return from_raw(math::max_zero(a.x)); }
-  friend Vec where_positive(Vec a, Vec y) { return from_raw(math::where_positive(a.x, y.x)); }
-  friend Vec exp_lse(Vec a) { return from_raw(math::exp_lse(a.x)); }
+  typedef T type;
 };
 #else
-// A SIMD vector of 32 bytes (GCC/Clang vector extension): one AVX2 register in the AVX2 build,
-// two SSE registers in the baseline build. It provides the operators and the functions the
-// shared math needs (max_zero, where_positive, exp_lse), so that math runs unchanged on it.
+template <typename T>
+struct VecRaw {
+  static constexpr int L = 32 / static_cast<int>(sizeof(T));
+  typedef T type __attribute__((vector_size(32)));
+};
+#endif
+
+// A vector of L lanes with the operators and the functions the shared math needs (max_zero,
+// where_positive, exp_lse), so that math runs unchanged on it.
 template <typename T>
 struct Vec {
-  static constexpr int L = 32 / static_cast<int>(sizeof(T));
-  typedef T raw __attribute__((vector_size(32)));
+  static constexpr int L = VecRaw<T>::L;
+  static constexpr bool kScalar = L == 1;
+  typedef typename VecRaw<T>::type raw;
   raw x;
 
   Vec() = default;
@@ -92,14 +75,18 @@ struct Vec {
   }
   static Vec zero() { return from_raw(raw{}); }
   void store(T* p) const { std::memcpy(p, &x, sizeof(raw)); }
+  T lane(int l) const {
+    if constexpr (kScalar) return x;
+    else return x[l];
+  }
   T sum() const {
     T s = T(0);
-    for (int l = 0; l < L; ++l) s += x[l];
+    for (int l = 0; l < L; ++l) s += lane(l);
     return s;
   }
   T max_lane() const {
-    T m = x[0];
-    for (int l = 1; l < L; ++l) m = x[l] > m ? x[l] : m;
+    T m = lane(0);
+    for (int l = 1; l < L; ++l) m = lane(l) > m ? lane(l) : m;
     return m;
   }
   friend Vec operator+(Vec a, Vec b) { return from_raw(a.x + b.x); }
@@ -111,41 +98,51 @@ struct Vec {
   }
   friend Vec vmax(Vec a, Vec b) { return from_raw(b.x > a.x ? b.x : a.x); }
   friend Vec max_zero(Vec a) {
+    if constexpr (kScalar) {
+      return from_raw(math::max_zero(a.x));
+    } else {
 #ifdef MMIM_VEC_AVX2
-    // One vmaxps/vmaxpd; same result as the select below (x > 0 ? x : 0, NaN -> 0).
-    if constexpr (sizeof(T) == 4) return from_raw(__builtin_ia32_maxps256(a.x, raw{}));
-    else return from_raw(__builtin_ia32_maxpd256(a.x, raw{}));
+      // One vmaxps/vmaxpd; same result as the select below (x > 0 ? x : 0, NaN -> 0).
+      if constexpr (sizeof(T) == 4) return from_raw(__builtin_ia32_maxps256(a.x, raw{}));
+      else return from_raw(__builtin_ia32_maxpd256(a.x, raw{}));
 #else
-    return from_raw(a.x > raw{} ? a.x : raw{});
+      return from_raw(a.x > raw{} ? a.x : raw{});
 #endif
+    }
   }
-  friend Vec where_positive(Vec a, Vec y) { return from_raw(a.x > raw{} ? y.x : raw{}); }
+  friend Vec where_positive(Vec a, Vec y) {
+    if constexpr (kScalar) return from_raw(math::where_positive(a.x, y.x));
+    else return from_raw(a.x > raw{} ? y.x : raw{});
+  }
 };
 
-// exp of a vector (the shared header's exp_lse for SIMD vectors): double lanes one by one
-// (std::exp), float lanes with the header's range reduction and polynomial on whole vectors.
-inline Vec<double> exp_lse(Vec<double> x) {
-  Vec<double> r;
-  for (int l = 0; l < Vec<double>::L; ++l) r.x[l] = math::exp_lse(x.x[l]);
-  return r;
+// exp of a vector (the shared header's exp_lse): the scalar build calls it directly, double
+// lanes go one by one (std::exp), float lanes run the header's range reduction and polynomial on
+// whole vectors.
+template <typename T>
+inline Vec<T> exp_lse(Vec<T> xin) {
+  using V = Vec<T>;
+  if constexpr (V::kScalar) {
+    return V::from_raw(math::exp_lse(xin.x));
+  } else if constexpr (sizeof(T) == 8) {
+    V r;
+    for (int l = 0; l < V::L; ++l) r.x[l] = math::exp_lse(xin.x[l]);
+    return r;
+  } else {
+    using C = math::ExpConst;
+    typedef int32_t iraw __attribute__((vector_size(32)));
+    typename V::raw x = xin.x;
+    x = x < C::lo ? typename V::raw{} + C::lo : x;
+    x = x > C::hi ? typename V::raw{} + C::hi : x;
+    typename V::raw kf = x * C::log2e + C::shifter;
+    const iraw kbits = (iraw)kf;  // GCC vector casts reinterpret the bits
+    kf -= C::shifter;
+    const V r = V::from_raw((x - kf * C::ln2_hi) - kf * C::ln2_lo);
+    const iraw scale_bits = (kbits - C::shifter_bits + 127) << 23;
+    const V scale = V::from_raw((typename V::raw)scale_bits);
+    return math::exp_poly7(r) * scale;
+  }
 }
-
-inline Vec<float> exp_lse(Vec<float> xin) {
-  using V = Vec<float>;
-  using C = math::ExpConst;
-  typedef int32_t iraw __attribute__((vector_size(32)));
-  V::raw x = xin.x;
-  x = x < C::lo ? V::raw{} + C::lo : x;
-  x = x > C::hi ? V::raw{} + C::hi : x;
-  V::raw kf = x * C::log2e + C::shifter;
-  const iraw kbits = (iraw)kf;  // GCC vector casts reinterpret the bits
-  kf -= C::shifter;
-  const V r = V::from_raw((x - kf * C::ln2_hi) - kf * C::ln2_lo);
-  const iraw scale_bits = (kbits - C::shifter_bits + 127) << 23;
-  const V scale = V::from_raw((V::raw)scale_bits);
-  return math::exp_poly7(r) * scale;
-}
-#endif
 
 // Scores (without c) of one tile of 2 vectors for up to two sources (b1 may be null), with
 // u = wa a + bias computed once for both.

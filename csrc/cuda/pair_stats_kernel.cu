@@ -158,6 +158,37 @@ __device__ __forceinline__ void tile_weights(const T (&sc)[NT][kSC], const bool 
 
 // ---- forward -------------------------------------------------------------------------------
 
+// Staging shared by the forward and the parameter backward (a warp owns a pair; lane takes
+// samples n0 + lane + 32 t). First arguments: a[t][q] = h[n_t, i] for every source q.
+template <typename T, int NT>
+__device__ __forceinline__ void stage_first(const T* __restrict__ ha, int64_t B, int64_t n0, int lane,
+                                            int (&nn)[NT], T (&a)[NT][kSC]) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    nn[t] = static_cast<int>(n0) + lane + 32 * t;
+    a[t][0] = nn[t] < B ? ha[nn[t]] : T(0);
+#pragma unroll
+    for (int q = 1; q < kSC; ++q) a[t][q] = a[t][0];
+  }
+}
+
+// Second arguments of sources s0 .. s0 + kSC - 1 (0 = joint, r + 1 = shuffle row r):
+// b[t][q] = h[perm_s(n_t), j]; ok[t][q] is false for padding samples and sources past S.
+template <typename T, int NT>
+__device__ __forceinline__ void stage_second(const T* __restrict__ hb, const int64_t* perms, int64_t B,
+                                             int64_t S, int64_t s0, const int (&nn)[NT], T (&b)[NT][kSC],
+                                             bool (&ok)[NT][kSC]) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int q = 0; q < kSC; ++q) {
+      const int64_t s = s0 + q;
+      ok[t][q] = nn[t] < B && s < S;
+      const int64_t idx = !ok[t][q] ? 0 : (s == 0 ? nn[t] : perm_at(perms, B, s - 1, nn[t]));
+      b[t][q] = ok[t][q] ? hb[idx] : T(0);
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     pair_stats_fwd_kernel(const Args<T> g, T* __restrict__ t_joint, T* __restrict__ lme) {
@@ -177,25 +208,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t n0 = 0; n0 < g.B; n0 += 32 * NT) {
       int nn[NT];  // sample indices (B < 2^31, checked on the host)
       T a[NT][kSC];
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        nn[t] = static_cast<int>(n0) + lane + 32 * t;
-        a[t][0] = nn[t] < g.B ? ha[nn[t]] : T(0);
-#pragma unroll
-        for (int q = 1; q < kSC; ++q) a[t][q] = a[t][0];
-      }
+      stage_first<T, NT>(ha, g.B, n0, lane, nn, a);
       for (int64_t s0 = 0; s0 < S; s0 += kSC) {
         T b[NT][kSC], sc[NT][kSC];
         bool ok[NT][kSC];
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-          for (int q = 0; q < kSC; ++q) {
-            const int64_t s = s0 + q;
-            ok[t][q] = nn[t] < g.B && s < S;
-            const int64_t idx = !ok[t][q] ? 0 : (s == 0 ? nn[t] : perm_at(g.perms, g.B, s - 1, nn[t]));
-            b[t][q] = ok[t][q] ? hb[idx] : T(0);
-          }
+        stage_second<T, NT>(hb, g.perms, g.B, S, s0, nn, b, ok);
         tile_scores<T, NT, true>(pp, g.K, a, b, sc);
 #pragma unroll
         for (int t = 0; t < NT; ++t)
@@ -254,25 +271,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t n0 = 0; n0 < g.B; n0 += 32 * NT) {
       int nn[NT];  // sample indices (B < 2^31, checked on the host)
       T a[NT][kSC];
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        nn[t] = static_cast<int>(n0) + lane + 32 * t;
-        a[t][0] = nn[t] < g.B ? ha[nn[t]] : T(0);
-#pragma unroll
-        for (int q = 1; q < kSC; ++q) a[t][q] = a[t][0];
-      }
+      stage_first<T, NT>(ha, g.B, n0, lane, nn, a);
       for (int64_t s0 = 0; s0 < S; s0 += kSC) {
         T b[NT][kSC], w[NT][kSC];
         bool ok[NT][kSC];
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-          for (int q = 0; q < kSC; ++q) {
-            const int64_t s = s0 + q;
-            ok[t][q] = nn[t] < g.B && s < S;
-            const int64_t idx = !ok[t][q] ? 0 : (s == 0 ? nn[t] : perm_at(g.perms, g.B, s - 1, nn[t]));
-            b[t][q] = ok[t][q] ? hb[idx] : T(0);
-          }
+        stage_second<T, NT>(hb, g.perms, g.B, S, s0, nn, b, ok);
         {
           T sc[NT][kSC];
           tile_scores<T, NT, true>(pp, K, a, b, sc);
