@@ -118,6 +118,39 @@ def _adam_step(module, opt, loss) -> None:
     opt.step()
 
 
+def _seeded_generator(seed):
+    """The generator of the split and the minibatches; a seed also seeds torch's global RNG (the
+    critics' initialization and random negatives)."""
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(seed)
+        torch.manual_seed(seed)
+    else:
+        gen.seed()
+    return gen
+
+
+def _prepare_units(owner: str, h, labels, estimator, batch_size, val_fraction, max_epochs, patience, lr,
+                   seed):
+    """Checks for the estimators over the units of one matrix ``h`` [N, m], seeding, and the
+    standardized train/validation split: (h_tr, h_va, y_tr, y_va, generator)."""
+    h = _as_2d("h", owner, h)
+    N, m = h.shape
+    if m < 2:
+        raise ValueError(f"{owner}: argument 'h' needs at least 2 columns (units), got shape {list(h.shape)}")
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        _check_labels(owner, labels, N)
+    _check_choice(owner, "estimator", estimator, ESTIMATORS)
+    _check_common(owner, N, batch_size, val_fraction, max_epochs, patience, lr)
+    gen = _seeded_generator(seed)
+    tr, va = _split(N, val_fraction, gen)
+    h_tr, h_va = _standardize_with(h[tr], h[va])
+    y_tr = None if labels is None else labels[tr]
+    y_va = None if labels is None else labels[va]
+    return h_tr, h_va, y_tr, y_va, gen
+
+
 def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 16, estimator: str = "mine",
                          negatives: str = "shuffle", num_negatives: int = 8, per_pair: bool = True,
                          batch_size: int = 500, lr: float = 5e-3, max_epochs: int = 300,
@@ -146,27 +179,11 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 16, estima
         (or ``(matrix, module)`` with ``return_module=True``).
     """
     owner = "estimate_pairwise_mi"
-    h = _as_2d("h", owner, h)
-    N, m = h.shape
-    if m < 2:
-        raise ValueError(f"{owner}: argument 'h' needs at least 2 columns (units), got shape {list(h.shape)}")
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        _check_labels(owner, labels, N)
-    _check_choice(owner, "estimator", estimator, ESTIMATORS)
     _check_choice(owner, "negatives", negatives, NEGATIVES)
-    _check_common(owner, N, batch_size, val_fraction, max_epochs, patience, lr)
     _check_positive_int(owner, "val_negatives", val_negatives)
-    gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(seed)
-        torch.manual_seed(seed)
-    else:
-        gen.seed()
-    tr, va = _split(N, val_fraction, gen)
-    h_tr, h_va = _standardize_with(h[tr], h[va])
-    y_tr = None if labels is None else labels[tr]
-    y_va = None if labels is None else labels[va]
+    h_tr, h_va, y_tr, y_va, gen = _prepare_units(owner, h, labels, estimator, batch_size, val_fraction,
+                                                 max_epochs, patience, lr, seed)
+    m = h_tr.shape[1]
     mod = PairwiseMINE(m, hidden=hidden, per_pair=per_pair, pairs=pairs, estimator=estimator,
                        negatives=negatives, num_negatives=num_negatives, backend=backend)
     opt = torch.optim.Adam(mod.parameters(), lr=lr)
@@ -204,26 +221,10 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
         float, the best validation bound (or ``(value, module)`` with ``return_module=True``).
     """
     owner = "estimate_total_correlation"
-    h = _as_2d("h", owner, h)
-    N, m = h.shape
-    if m < 2:
-        raise ValueError(f"{owner}: argument 'h' needs at least 2 columns (units), got shape {list(h.shape)}")
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        _check_labels(owner, labels, N)
-    _check_choice(owner, "estimator", estimator, ESTIMATORS)
-    _check_common(owner, N, batch_size, val_fraction, max_epochs, patience, lr)
     _check_positive_int(owner, "val_draws", val_draws)
-    gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(seed)
-        torch.manual_seed(seed)
-    else:
-        gen.seed()
-    tr, va = _split(N, val_fraction, gen)
-    h_tr, h_va = _standardize_with(h[tr], h[va])
-    y_tr = None if labels is None else labels[tr]
-    y_va = None if labels is None else labels[va]
+    h_tr, h_va, y_tr, y_va, gen = _prepare_units(owner, h, labels, estimator, batch_size, val_fraction,
+                                                 max_epochs, patience, lr, seed)
+    m = h_tr.shape[1]
     mod = TotalCorrelationMINE(m, hidden=hidden, layers=layers, estimator=estimator, num_negatives=num_negatives)
     opt = torch.optim.Adam(mod.parameters(), lr=lr)
 
@@ -266,12 +267,7 @@ def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mi
     N = x.shape[0]
     _check_common(owner, N, batch_size, val_fraction, max_epochs, patience, lr)
     _check_positive_int(owner, "val_negatives", val_negatives)
-    gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(seed)
-        torch.manual_seed(seed)
-    else:
-        gen.seed()
+    gen = _seeded_generator(seed)
     tr, va = _split(N, val_fraction, gen)
     x_tr, x_va = _standardize_with(x[tr], x[va])
     y_tr, y_va = _standardize_with(y[tr], y[va])

@@ -401,3 +401,29 @@ def test_bad_input_errors():
         mmim_ext.estimate_pairwise_mi(torch.randn(100, 1))
     with pytest.raises(ValueError, match="num_negatives"):
         mmim_ext.make_perms(10, "shift", 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-size accuracy runs (pytest -m slow; benchmarks/estimator_accuracy.py runs every case).
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_slow_pairwise_gaussian_10k_samples(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, rho = 10000, 0.75
+    x = torch.randn(n, generator=g)
+    y = rho * x + math.sqrt(1 - rho * rho) * torch.randn(n, generator=g)
+    est = float(mmim_ext.estimate_pairwise_mi(torch.stack([x, y], 1), seed=0)[0, 1])
+    assert abs(est - gaussian_mi(rho)) < 0.05, est  # 0.413 nats
+
+
+@pytest.mark.slow
+def test_slow_vector_mi_5_plus_5_nonlinear():
+    g = torch.Generator().manual_seed(6)
+    n, d, r = 10000, 5, 0.8
+    x = torch.randn(n, d, generator=g)
+    y = r * x + math.sqrt(1 - r * r) * torch.randn(n, d, generator=g)
+    truth = d * gaussian_mi(r)  # 2.554 nats; invertible elementwise maps keep it
+    est = mmim_ext.estimate_mi(x.pow(3) + x, torch.cat([torch.sinh(y[:, :3]), torch.exp(y[:, 3:])], 1), seed=0)
+    assert truth / 1.5 <= est <= truth * 1.5, (est, truth)
