@@ -112,10 +112,21 @@ def _fit(step: Callable[[torch.Tensor], None], evaluate: Callable[[], torch.Tens
     return best
 
 
-def _adam_step(module, opt, loss) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+def _train_critics(mod, train_inputs, evaluate: Callable[[], torch.Tensor], lr: float, batch_size: int,
+                   max_epochs: int, patience: int, min_delta: float, gen: torch.Generator, progress: bool,
+                   desc: str) -> torch.Tensor:
+    """Adam on ``mod``'s own training loss over minibatches of ``train_inputs`` (tensors indexed
+    by sample, or ``None`` passed through), with :func:`_fit`'s early stopping on ``evaluate``."""
+    opt = torch.optim.Adam(mod.parameters(), lr=lr)
+
+    def step(idx):
+        _, loss = mod(*(None if t is None else t[idx] for t in train_inputs))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _fit(step, evaluate, train_inputs[0].shape[0], batch_size, max_epochs, patience, min_delta, gen,
+                progress, desc)
 
 
 def _seeded_generator(seed):
@@ -186,17 +197,12 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 16, estima
     m = h_tr.shape[1]
     mod = PairwiseMINE(m, hidden=hidden, per_pair=per_pair, pairs=pairs, estimator=estimator,
                        negatives=negatives, num_negatives=num_negatives, backend=backend)
-    opt = torch.optim.Adam(mod.parameters(), lr=lr)
-
-    def step(idx):
-        _, loss = mod(h_tr[idx], None if y_tr is None else y_tr[idx])
-        _adam_step(mod, opt, loss)
 
     def evaluate():
         return mod.evaluate(h_va, y_va, negatives="shift", num_negatives=val_negatives)
 
-    best = _fit(step, evaluate, h_tr.shape[0], batch_size, max_epochs, patience, min_delta, gen,
-                progress, owner)
+    best = _train_critics(mod, (h_tr, y_tr), evaluate, lr, batch_size, max_epochs, patience, min_delta, gen,
+                          progress, owner)
     mod.last.copy_(best.to(mod.last.dtype))
     out = mod.matrix().float()
     return (out, mod) if return_module else out
@@ -226,17 +232,12 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
                                                  max_epochs, patience, lr, seed)
     m = h_tr.shape[1]
     mod = TotalCorrelationMINE(m, hidden=hidden, layers=layers, estimator=estimator, num_negatives=num_negatives)
-    opt = torch.optim.Adam(mod.parameters(), lr=lr)
-
-    def step(idx):
-        _, loss = mod(h_tr[idx], None if y_tr is None else y_tr[idx])
-        _adam_step(mod, opt, loss)
 
     def evaluate():
         return torch.tensor(mod.evaluate(h_va, y_va, num_draws=val_draws))
 
-    best = float(_fit(step, evaluate, h_tr.shape[0], batch_size, max_epochs, patience, min_delta, gen,
-                      progress, owner)[0])
+    best = float(_train_critics(mod, (h_tr, y_tr), evaluate, lr, batch_size, max_epochs, patience, min_delta,
+                                gen, progress, owner)[0])
     return (best, mod) if return_module else best
 
 
@@ -273,16 +274,11 @@ def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mi
     y_tr, y_va = _standardize_with(y[tr], y[va])
     mod = VectorMINE(x.shape[1], y.shape[1], hidden=hidden, layers=layers, estimator=estimator,
                      negatives=negatives, num_negatives=num_negatives)
-    opt = torch.optim.Adam(mod.parameters(), lr=lr)
-
-    def step(idx):
-        _, loss = mod(x_tr[idx], y_tr[idx])
-        _adam_step(mod, opt, loss)
 
     def evaluate():
         return torch.tensor(mod.evaluate(x_va, y_va, num_negatives=val_negatives))
 
-    best = float(_fit(step, evaluate, x_tr.shape[0], batch_size, max_epochs, patience, min_delta, gen,
-                      progress, owner)[0])
+    best = float(_train_critics(mod, (x_tr, y_tr), evaluate, lr, batch_size, max_epochs, patience, min_delta,
+                                gen, progress, owner)[0])
     return (best, mod) if return_module else best
 
