@@ -79,10 +79,23 @@ struct Vec {
     if constexpr (kScalar) return x;
     else return x[l];
   }
+  // Sum of the lanes: a tree of halves for 8 and 4 lanes (3 or 2 shuffles and adds), in the
+  // same order in every build.
   T sum() const {
-    T s = T(0);
-    for (int l = 0; l < L; ++l) s += lane(l);
-    return s;
+    if constexpr (L == 8) {
+      raw y = x + __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+      y += __builtin_shufflevector(y, y, 2, 3, 0, 1, 6, 7, 4, 5);
+      y += __builtin_shufflevector(y, y, 1, 0, 3, 2, 5, 4, 7, 6);
+      return y[0];
+    } else if constexpr (L == 4) {
+      raw y = x + __builtin_shufflevector(x, x, 2, 3, 0, 1);
+      y += __builtin_shufflevector(y, y, 1, 0, 3, 2);
+      return y[0];
+    } else {
+      T s = T(0);
+      for (int l = 0; l < L; ++l) s += lane(l);
+      return s;
+    }
   }
   T max_lane() const {
     T m = lane(0);
@@ -116,6 +129,36 @@ struct Vec {
   }
 };
 
+// The lane sums of four vectors, out[q] = sum of q's lanes: pairwise adds of interleaved lanes,
+// so that the four reductions share their shuffles (for 8 or 4 lanes; one by one otherwise).
+template <typename T>
+inline void sum4(Vec<T> a, Vec<T> b, Vec<T> c, Vec<T> d, T out[4]) {
+  using V = Vec<T>;
+  if constexpr (V::L == 8) {
+    typedef typename V::raw R;
+    const R ab = __builtin_shufflevector(a.x, b.x, 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(a.x, b.x, 1, 9, 3, 11, 5, 13, 7, 15);
+    const R cd = __builtin_shufflevector(c.x, d.x, 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(c.x, d.x, 1, 9, 3, 11, 5, 13, 7, 15);
+    // [a, b, c, d] over lanes 0-3 in the low half and 4-7 in the high half
+    const R q = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
+                __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+    const R r = q + __builtin_shufflevector(q, q, 4, 5, 6, 7, 0, 1, 2, 3);
+    for (int l = 0; l < 4; ++l) out[l] = r[l];
+  } else if constexpr (V::L == 4) {
+    typedef typename V::raw R;
+    const R ab = __builtin_shufflevector(a.x, b.x, 0, 4, 2, 6) + __builtin_shufflevector(a.x, b.x, 1, 5, 3, 7);
+    const R cd = __builtin_shufflevector(c.x, d.x, 0, 4, 2, 6) + __builtin_shufflevector(c.x, d.x, 1, 5, 3, 7);
+    const R r = __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
+    for (int l = 0; l < 4; ++l) out[l] = r[l];
+  } else {
+    out[0] = a.sum();
+    out[1] = b.sum();
+    out[2] = c.sum();
+    out[3] = d.sum();
+  }
+}
+
 // exp of a vector (the shared header's exp_lse): the scalar build calls it directly, double
 // lanes go one by one (std::exp), float lanes run the header's range reduction and polynomial on
 // whole vectors.
@@ -132,8 +175,15 @@ inline Vec<T> exp_lse(Vec<T> xin) {
     using C = math::ExpConst;
     typedef int32_t iraw __attribute__((vector_size(32)));
     typename V::raw x = xin.x;
+#ifdef MMIM_VEC_AVX2
+    // vmaxps(lo, x) = lo > x ? lo : x and vminps(hi, x) = hi < x ? hi : x, NaN x kept: one
+    // instruction each instead of a compare and a blend.
+    x = __builtin_ia32_maxps256(typename V::raw{} + C::lo, x);
+    x = __builtin_ia32_minps256(typename V::raw{} + C::hi, x);
+#else
     x = x < C::lo ? typename V::raw{} + C::lo : x;
     x = x > C::hi ? typename V::raw{} + C::hi : x;
+#endif
     typename V::raw kf = x * C::log2e + C::shifter;
     const iraw kbits = (iraw)kf;  // GCC vector casts reinterpret the bits
     kf -= C::shifter;
@@ -214,10 +264,17 @@ inline void source_scores(const T* a, const T* const* src, T* const* dst, int64_
 template <typename T>
 inline T range_sum(const T* x, int64_t n) {
   using V = Vec<T>;
-  V acc = V::zero();
+  // Four accumulators: one would make the loop wait on each add's latency.
+  V acc0 = V::zero(), acc1 = V::zero(), acc2 = V::zero(), acc3 = V::zero();
   int64_t t = 0;
-  for (; t + V::L <= n; t += V::L) acc += V::load(x + t);
-  T s = acc.sum();
+  for (; t + 4 * V::L <= n; t += 4 * V::L) {
+    acc0 += V::load(x + t);
+    acc1 += V::load(x + t + V::L);
+    acc2 += V::load(x + t + 2 * V::L);
+    acc3 += V::load(x + t + 3 * V::L);
+  }
+  for (; t + V::L <= n; t += V::L) acc0 += V::load(x + t);
+  T s = ((acc0 + acc1) + (acc2 + acc3)).sum();
   for (; t < n; ++t) s += x[t];
   return s;
 }
@@ -426,10 +483,12 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
                                v[k], s.gh + i * Bp, s.dsum, acc);
       // d/dwa = v sum(gate a), d/dwb = v sum(gate b), d/dbias = v sum(gate),
       // d/dv = sum(gate x) = sum(w relu(x)).
-      const T dwa = math::critic_unit_dx(v[k], acc.ga.sum());
-      const T dwb = math::critic_unit_dx(v[k], acc.gb.sum());
-      const T db = math::critic_unit_dx(v[k], acc.g1.sum());
-      const T dv = acc.gx.sum();
+      T sums[4];
+      detail::sum4(acc.ga, acc.gb, acc.g1, acc.gx, sums);
+      const T dwa = math::critic_unit_dx(v[k], sums[0]);
+      const T dwb = math::critic_unit_dx(v[k], sums[1]);
+      const T db = math::critic_unit_dx(v[k], sums[2]);
+      const T dv = sums[3];
       if (shared) {
         s.gshared[k] += dwa;
         s.gshared[K + k] += dwb;
