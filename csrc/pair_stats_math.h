@@ -63,18 +63,22 @@ MMIM_HD T critic_unit_gate(T x, T g) {
   return where_positive(x, g);
 }
 
-// ... d(g T)/dv = g relu(x) = gate x ...
-template <typename T>
-MMIM_HD T critic_unit_dv(T x, T gate) {
-  return gate * x;
-}
-
-// ... and d(g T)/dx = v gate, the gradient of the pre-activation, which flows to wa, wb, bias
+// ... d(g T)/dx = v gate, the gradient of the pre-activation, which flows to wa, wb, bias
 // (times a, b, 1) and to the pair's two arguments (times wa, wb). It is linear in the gate, so a
-// kernel may apply it to a sum of gates.
+// kernel may apply it to a sum of gates ...
 template <typename T>
 MMIM_HD T critic_unit_dx(T v, T gate) {
   return v * gate;
+}
+
+// ... and d(g T)/dv = g relu(x) = gate x. Wherever the gate is nonzero x = wa a + wb b + bias, so
+// over a set of samples sum(gate x) = wa sum(gate a) + wb sum(gate b) + bias sum(gate): kernels
+// sum gate a, gate b and gate (which the other gradients need anyway) and form dv from those
+// three sums instead of summing gate x per sample. (Rounding: the error of each sum is scaled by
+// |wa|, |wb|, |bias| instead of entering once; the same sums give dwa, dwb, dbias.)
+template <typename T>
+MMIM_HD T critic_unit_dv(T wa, T wb, T bias, T sum_gate_a, T sum_gate_b, T sum_gate) {
+  return wa * sum_gate_a + wb * sum_gate_b + bias * sum_gate;
 }
 
 // ---- exp -----------------------------------------------------------------------------------

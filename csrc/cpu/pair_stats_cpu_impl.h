@@ -73,6 +73,16 @@ struct Vec {
     std::memcpy(&r.x, p, sizeof(raw));
     return r;
   }
+  // A load the compiler keeps in a register. Without the empty asm GCC folds a loaded value used
+  // by two instructions into both as memory operands, which costs a second load; the backward's
+  // unit loop is bound by its loads and stores (two 32-byte ones per cycle), not by arithmetic.
+  static Vec load_reg(const T* p) {
+    Vec r = load(p);
+#ifdef MMIM_VEC_AVX2
+    asm("" : "+x"(r.x));
+#endif
+    return r;
+  }
   static Vec zero() { return from_raw(raw{}); }
   void store(T* p) const { std::memcpy(p, &x, sizeof(raw)); }
   T lane(int l) const {
@@ -303,12 +313,13 @@ inline math::LseState<T> range_lse(const T* x, int64_t n) {
 // Backward of hidden unit k over all samples of `nsrc` sources sharing the first argument a.
 // Source s has second argument b[s] and per-sample weights w[s] (the upstream gradient of its
 // score); its argument gradient goes to gb[s]. Per sample and source the unit's gate is
-// w [x > 0]; acc collects the sums over samples of gate*a, gate*b, gate and gate*x, from which
-// the caller forms the critic's gradients. Per sample, the gates of all sources are summed first
-// (into dsum [Bp] between passes), because wa, bias and the first argument see only their sum.
+// w [x > 0]; acc collects the sums over samples of gate*a, gate*b and gate, from which the caller
+// forms the critic's gradients (dv too: math::critic_unit_dv). Per sample, the gates of all
+// sources are summed first (into dsum [Bp] between passes), because wa, bias and the first
+// argument see only their sum.
 template <typename T>
 struct UnitGrad {
-  Vec<T> ga, gb, g1, gx;  // sums of gate*a, gate*b, gate, gate*x
+  Vec<T> ga, gb, g1;  // sums of gate*a, gate*b, gate
 };
 
 // One pass of unit_backward over the samples for one or two sources (kTwo); kFirst / kLast:
@@ -321,25 +332,20 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
                       const Vec<T>& bk, const Vec<T>& cwa, const Vec<T>& cwb, UnitGrad<T>& acc) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  // One accumulator per source and sum: a chain with two FMAs per iteration would bound the
+  // One accumulator per source for gate*b: a chain with two FMAs per iteration would bound the
   // loop by the FMA latency.
-  V acc_x0 = V::zero(), acc_b0 = V::zero(), acc_x1 = V::zero(), acc_b1 = V::zero();
-  V acc_a = V::zero(), acc_1 = V::zero();
+  V acc_b0 = V::zero(), acc_b1 = V::zero(), acc_a = V::zero(), acc_1 = V::zero();
   for (int64_t n = 0; n < Bp; n += L) {
-    const V an = V::load(a + n);
+    const V an = V::load_reg(a + n);
     const V u = math::critic_u(wak, an, bk);
-    const V bn0 = V::load(b0 + n);
-    const V x0 = math::critic_x(wbk, bn0, u);
-    const V d0 = math::critic_unit_gate(x0, V::load(w0 + n));
-    acc_x0 += math::critic_unit_dv(x0, d0);
+    const V bn0 = V::load_reg(b0 + n);
+    const V d0 = math::critic_unit_gate(math::critic_x(wbk, bn0, u), V::load(w0 + n));
     acc_b0 += d0 * bn0;
     (V::load(g0 + n) + d0 * cwb).store(g0 + n);
     V D = d0;
     if constexpr (kTwo) {
-      const V bn1 = V::load(b1 + n);
-      const V x1 = math::critic_x(wbk, bn1, u);
-      const V d1 = math::critic_unit_gate(x1, V::load(w1 + n));
-      acc_x1 += math::critic_unit_dv(x1, d1);
+      const V bn1 = V::load_reg(b1 + n);
+      const V d1 = math::critic_unit_gate(math::critic_x(wbk, bn1, u), V::load(w1 + n));
       acc_b1 += d1 * bn1;
       (V::load(g1 + n) + d1 * cwb).store(g1 + n);
       D += d1;
@@ -353,7 +359,6 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
       D.store(dsum + n);
     }
   }
-  acc.gx += acc_x0 + acc_x1;
   acc.gb += acc_b0 + acc_b1;
   acc.ga += acc_a;
   acc.g1 += acc_1;
@@ -477,18 +482,17 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
     }
 
     for (int64_t k = 0; k < K; ++k) {
-      detail::UnitGrad<T> acc{detail::Vec<T>::zero(), detail::Vec<T>::zero(), detail::Vec<T>::zero(),
-                              detail::Vec<T>::zero()};
+      detail::UnitGrad<T> acc{detail::Vec<T>::zero(), detail::Vec<T>::zero(), detail::Vec<T>::zero()};
       detail::unit_backward<T>(Bp, a, src.data(), wts.data(), gsrc.data(), nsrc, wa[k], wb[k], bias[k],
                                v[k], s.gh + i * Bp, s.dsum, acc);
       // d/dwa = v sum(gate a), d/dwb = v sum(gate b), d/dbias = v sum(gate),
-      // d/dv = sum(gate x) = sum(w relu(x)).
+      // d/dv = sum(gate x) = wa sum(gate a) + wb sum(gate b) + bias sum(gate).
       T sums[4];
-      detail::sum4(acc.ga, acc.gb, acc.g1, acc.gx, sums);
+      detail::sum4(acc.ga, acc.gb, acc.g1, detail::Vec<T>::zero(), sums);
       const T dwa = math::critic_unit_dx(v[k], sums[0]);
       const T dwb = math::critic_unit_dx(v[k], sums[1]);
       const T db = math::critic_unit_dx(v[k], sums[2]);
-      const T dv = sums[3];
+      const T dv = math::critic_unit_dv(wa[k], wb[k], bias[k], sums[0], sums[1], sums[2]);
       if (shared) {
         s.gshared[k] += dwa;
         s.gshared[K + k] += dwb;

@@ -283,28 +283,28 @@ __global__ void __launch_bounds__(kThreads)
         }
         for (int64_t k = 0; k < K; ++k) {
           const T wa = pp[k], wb = pp[K + k], bias = pp[2 * K + k], v = pp[3 * K + k];
-          T gwa = T(0), gwb = T(0), gb = T(0), gv = T(0);
+          // Sums of gate a, gate b and gate; the gradients are formed from them below.
+          T sga = T(0), sgb = T(0), sg = T(0);
 #pragma unroll
           for (int t = 0; t < NT; ++t) {
             const T u = math::critic_u(wa, a[t][0], bias);
-            T dxs = T(0);
+            T gs = T(0);
 #pragma unroll
             for (int q = 0; q < kSC; ++q) {
-              const T x = math::critic_x(wb, b[t][q], u);
-              const T gate = math::critic_unit_gate(x, w[t][q]);
-              const T dx = math::critic_unit_dx(v, gate);
-              gv += math::critic_unit_dv(x, gate);
-              gwb += dx * b[t][q];
-              dxs += dx;
+              const T gate = math::critic_unit_gate(math::critic_x(wb, b[t][q], u), w[t][q]);
+              sgb += gate * b[t][q];
+              gs += gate;
             }
-            // All sources of sample t share a: sum their dx first.
-            gwa += dxs * a[t][0];
-            gb += dxs;
+            // All sources of sample t share a: sum their gates first.
+            sga += gs * a[t][0];
+            sg += gs;
           }
-          gwa = warp_sum(gwa);
-          gwb = warp_sum(gwb);
-          gb = warp_sum(gb);
-          gv = warp_sum(gv);
+          sga = warp_sum(sga);
+          sgb = warp_sum(sgb);
+          sg = warp_sum(sg);
+          const T gwa = math::critic_unit_dx(v, sga), gwb = math::critic_unit_dx(v, sgb);
+          const T gb = math::critic_unit_dx(v, sg);
+          const T gv = math::critic_unit_dv(wa, wb, bias, sga, sgb, sg);
           if (lane == 0) {
             dst[k] += gwa;
             dst[K + k] += gwb;
