@@ -139,34 +139,44 @@ struct Vec {
   }
 };
 
-// The lane sums of four vectors, out[q] = sum of q's lanes: pairwise adds of interleaved lanes,
-// so that the four reductions share their shuffles (for 8 or 4 lanes; one by one otherwise).
+// Lane sums of n vectors stored one after the other at x (L values each; no alignment needed):
+// out[q] = sum of vector q's lanes. Groups of L vectors are reduced together
+// by a transpose-and-add (pairwise adds of interleaved lanes, so that the L reductions share their
+// shuffles: 14 shuffles and 7 adds for 8 vectors instead of 24 and 24), the rest one by one.
 template <typename T>
-inline void sum4(Vec<T> a, Vec<T> b, Vec<T> c, Vec<T> d, T out[4]) {
+inline void lane_sums(const T* x, int64_t n, T* out) {
   using V = Vec<T>;
+  typedef typename V::raw R;
+  int64_t q = 0;
   if constexpr (V::L == 8) {
-    typedef typename V::raw R;
-    const R ab = __builtin_shufflevector(a.x, b.x, 0, 8, 2, 10, 4, 12, 6, 14) +
-                 __builtin_shufflevector(a.x, b.x, 1, 9, 3, 11, 5, 13, 7, 15);
-    const R cd = __builtin_shufflevector(c.x, d.x, 0, 8, 2, 10, 4, 12, 6, 14) +
-                 __builtin_shufflevector(c.x, d.x, 1, 9, 3, 11, 5, 13, 7, 15);
-    // [a, b, c, d] over lanes 0-3 in the low half and 4-7 in the high half
-    const R q = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
-                __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
-    const R r = q + __builtin_shufflevector(q, q, 4, 5, 6, 7, 0, 1, 2, 3);
-    for (int l = 0; l < 4; ++l) out[l] = r[l];
+    for (; q + 8 <= n; q += 8) {
+      R h[4];
+      for (int t = 0; t < 4; ++t) {
+        const R u = V::load(x + (q + 2 * t) * 8).x, w = V::load(x + (q + 2 * t + 1) * 8).x;
+        // [u01, w01, u23, w23, u45, w45, u67, w67] (uAB = lane A + lane B of u)
+        h[t] = __builtin_shufflevector(u, w, 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(u, w, 1, 9, 3, 11, 5, 13, 7, 15);
+      }
+      // [x0 lanes 0-3, x1, x2, x3, x0 lanes 4-7, x1, x2, x3], then the same for x4..x7
+      const R f0 = __builtin_shufflevector(h[0], h[1], 0, 1, 8, 9, 4, 5, 12, 13) +
+                   __builtin_shufflevector(h[0], h[1], 2, 3, 10, 11, 6, 7, 14, 15);
+      const R f1 = __builtin_shufflevector(h[2], h[3], 0, 1, 8, 9, 4, 5, 12, 13) +
+                   __builtin_shufflevector(h[2], h[3], 2, 3, 10, 11, 6, 7, 14, 15);
+      const R r = __builtin_shufflevector(f0, f1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                  __builtin_shufflevector(f0, f1, 4, 5, 6, 7, 12, 13, 14, 15);
+      V::from_raw(r).store(out + q);
+    }
   } else if constexpr (V::L == 4) {
-    typedef typename V::raw R;
-    const R ab = __builtin_shufflevector(a.x, b.x, 0, 4, 2, 6) + __builtin_shufflevector(a.x, b.x, 1, 5, 3, 7);
-    const R cd = __builtin_shufflevector(c.x, d.x, 0, 4, 2, 6) + __builtin_shufflevector(c.x, d.x, 1, 5, 3, 7);
-    const R r = __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
-    for (int l = 0; l < 4; ++l) out[l] = r[l];
-  } else {
-    out[0] = a.sum();
-    out[1] = b.sum();
-    out[2] = c.sum();
-    out[3] = d.sum();
+    for (; q + 4 <= n; q += 4) {
+      const R a = V::load(x + q * 4).x, b = V::load(x + (q + 1) * 4).x;
+      const R c = V::load(x + (q + 2) * 4).x, d = V::load(x + (q + 3) * 4).x;
+      const R ab = __builtin_shufflevector(a, b, 0, 4, 2, 6) + __builtin_shufflevector(a, b, 1, 5, 3, 7);
+      const R cd = __builtin_shufflevector(c, d, 0, 4, 2, 6) + __builtin_shufflevector(c, d, 1, 5, 3, 7);
+      const R r = __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
+      V::from_raw(r).store(out + q);
+    }
   }
+  for (; q < n; ++q) out[q] = V::load(x + q * V::L).sum();
 }
 
 // exp of a vector (the shared header's exp_lse): the scalar build calls it directly, double
@@ -450,6 +460,11 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
     wts[1 + r] = s.wm + r * Bp;
     score_dst[r] = s.wm + r * Bp;
   }
+  // Per pair: the three per-unit sum vectors ([3][K] vectors: gate a, gate b, gate) and their
+  // lane sums.
+  constexpr int L = detail::Vec<T>::L;
+  std::vector<T> accv(static_cast<size_t>(3 * K * L));
+  std::vector<T> sums(static_cast<size_t>(3 * K));
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
     const T* wb = g.wb + p * g.pstride;
@@ -485,25 +500,46 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
       detail::UnitGrad<T> acc{detail::Vec<T>::zero(), detail::Vec<T>::zero(), detail::Vec<T>::zero()};
       detail::unit_backward<T>(Bp, a, src.data(), wts.data(), gsrc.data(), nsrc, wa[k], wb[k], bias[k],
                                v[k], s.gh + i * Bp, s.dsum, acc);
-      // d/dwa = v sum(gate a), d/dwb = v sum(gate b), d/dbias = v sum(gate),
-      // d/dv = sum(gate x) = wa sum(gate a) + wb sum(gate b) + bias sum(gate).
-      T sums[4];
-      detail::sum4(acc.ga, acc.gb, acc.g1, detail::Vec<T>::zero(), sums);
-      const T dwa = math::critic_unit_dx(v[k], sums[0]);
-      const T dwb = math::critic_unit_dx(v[k], sums[1]);
-      const T db = math::critic_unit_dx(v[k], sums[2]);
-      const T dv = math::critic_unit_dv(wa[k], wb[k], bias[k], sums[0], sums[1], sums[2]);
-      if (shared) {
-        s.gshared[k] += dwa;
-        s.gshared[K + k] += dwb;
-        s.gshared[2 * K + k] += db;
-        s.gshared[3 * K + k] += dv;
-      } else {
-        gwa[p * K + k] = dwa;
-        gwb[p * K + k] = dwb;
-        gbias[p * K + k] = db;
-        gv[p * K + k] = dv;
+      acc.ga.store(accv.data() + k * L);
+      acc.gb.store(accv.data() + (K + k) * L);
+      acc.g1.store(accv.data() + (2 * K + k) * L);
+    }
+    detail::lane_sums(accv.data(), 3 * K, sums.data());
+    // d/dwa = v sum(gate a), d/dwb = v sum(gate b), d/dbias = v sum(gate),
+    // d/dv = sum(gate x) = wa sum(gate a) + wb sum(gate b) + bias sum(gate); units L at a time.
+    const T* sa = sums.data();
+    const T* sb = sa + K;
+    const T* s1 = sb + K;
+    T* out[4];
+    if (shared) {
+      for (int q = 0; q < 4; ++q) out[q] = s.gshared + q * K;
+    } else {
+      out[0] = gwa + p * K;
+      out[1] = gwb + p * K;
+      out[2] = gbias + p * K;
+      out[3] = gv + p * K;
+    }
+    auto unit_grads = [&](auto vk, auto wak, auto wbk, auto bk, auto ga_, auto gb_, auto g1_, auto* res) {
+      res[0] = math::critic_unit_dx(vk, ga_);
+      res[1] = math::critic_unit_dx(vk, gb_);
+      res[2] = math::critic_unit_dx(vk, g1_);
+      res[3] = math::critic_unit_dv(wak, wbk, bk, ga_, gb_, g1_);
+    };
+    using V = detail::Vec<T>;
+    int64_t k = 0;
+    for (; k + V::L <= K; k += V::L) {
+      V res[4];
+      unit_grads(V::load(v + k), V::load(wa + k), V::load(wb + k), V::load(bias + k), V::load(sa + k),
+                 V::load(sb + k), V::load(s1 + k), res);
+      for (int q = 0; q < 4; ++q) {
+        if (shared) (V::load(out[q] + k) + res[q]).store(out[q] + k);
+        else res[q].store(out[q] + k);
       }
+    }
+    for (; k < K; ++k) {
+      T res[4];
+      unit_grads(v[k], wa[k], wb[k], bias[k], sa[k], sb[k], s1[k], res);
+      for (int q = 0; q < 4; ++q) out[q][k] = shared ? out[q][k] + res[q] : res[q];
     }
   });
 }
