@@ -402,8 +402,10 @@ from test_pair_stats import _assert_parity
 cap = torch.ops.mmim_ext.cpu_capability()
 assert cap == sys.argv[1], (cap, sys.argv[1])
 cases = [  # B, m, K, R, shared, scale: B beyond one 256-sample chunk and off the lane count,
-           # large logits (scale) for the exp of the log-sum-exp
+           # B a multiple of the padding (joint weights without padding zeros), large logits
+           # (scale) for the exp of the log-sum-exp
     (2, 2, 1, 1, False, 1.0), (19, 5, 3, 2, True, 1.0), (300, 3, 4, 3, False, 1.0),
+    (32, 4, 3, 1, False, 1.0), (48, 3, 2, 2, True, 1.0),
     (33, 4, 16, 1, False, 40.0), (41, 6, 5, 2, True, 40.0),
 ]
 for dtype in (torch.float64, torch.float32):

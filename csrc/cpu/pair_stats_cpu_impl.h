@@ -333,13 +333,15 @@ struct UnitGrad {
 };
 
 // One pass of unit_backward over the samples for one or two sources (kTwo); kFirst / kLast:
-// whether earlier / later passes exist that read or write dsum. Compile-time flags keep the
-// sample loop free of branches.
-template <typename T, bool kTwo, bool kFirst, bool kLast>
+// whether earlier / later passes exist that read or write dsum; kW0: the first source's weights
+// are the single value w0c (the joint samples when the batch has no padding), not the array w0.
+// Compile-time flags keep the sample loop free of branches.
+template <typename T, bool kTwo, bool kFirst, bool kLast, bool kW0>
 inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0, const T* __restrict b1,
                       const T* __restrict w0, const T* __restrict w1, T* __restrict g0, T* __restrict g1,
-                      T* __restrict ga, T* __restrict dsum, const Vec<T>& wak, const Vec<T>& wbk,
-                      const Vec<T>& bk, const Vec<T>& cwa, const Vec<T>& cwb, UnitGrad<T>& acc) {
+                      T* __restrict ga, T* __restrict dsum, const Vec<T>& w0c, const Vec<T>& wak,
+                      const Vec<T>& wbk, const Vec<T>& bk, const Vec<T>& cwa, const Vec<T>& cwb,
+                      UnitGrad<T>& acc) {
   using V = Vec<T>;
   constexpr int L = V::L;
   // One accumulator per source for gate*b: a chain with two FMAs per iteration would bound the
@@ -349,7 +351,10 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
     const V an = V::load_reg(a + n);
     const V u = math::critic_u(wak, an, bk);
     const V bn0 = V::load_reg(b0 + n);
-    const V d0 = math::critic_unit_gate(math::critic_x(wbk, bn0, u), V::load(w0 + n));
+    V w0n;
+    if constexpr (kW0) w0n = w0c;
+    else w0n = V::load(w0 + n);
+    const V d0 = math::critic_unit_gate(math::critic_x(wbk, bn0, u), w0n);
     acc_b0 += d0 * bn0;
     (V::load(g0 + n) + d0 * cwb).store(g0 + n);
     V D = d0;
@@ -374,12 +379,14 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
   acc.g1 += acc_1;
 }
 
+// w[0] == nullptr: every sample of source 0 has the weight w0 (no padding to zero).
 template <typename T>
-inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* const* w, T* const* gb,
+inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* const* w, T w0, T* const* gb,
                           int64_t nsrc, T wak_s, T wbk_s, T bk_s, T vk_s, T* ga, T* dsum,
                           UnitGrad<T>& acc) {
   using V = Vec<T>;
-  const V wak(wak_s), wbk(wbk_s), bk(bk_s);
+  const V wak(wak_s), wbk(wbk_s), bk(bk_s), w0c(w0);
+  const bool w0_const = w[0] == nullptr;
   // d x / d a = wa and d x / d b = wb, times d T / d x = v gate (critic_unit_dx is linear in the
   // gate, so it is applied to the parameters once).
   const V cwa(math::critic_unit_dx(vk_s, wak_s)), cwb(math::critic_unit_dx(vk_s, wbk_s));
@@ -389,20 +396,24 @@ inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* co
     const T* b1 = two ? b[s + 1] : b[s];
     const T* w1 = two ? w[s + 1] : w[s];
     T* g1 = two ? gb[s + 1] : gb[s];
-#define MMIM_UNIT_PASS(TWO, FIRST, LAST)                                                              \
-  unit_pass<T, TWO, FIRST, LAST>(Bp, a, b[s], b1, w[s], w1, gb[s], g1, ga, dsum, wak, wbk, bk, cwa, cwb, \
-                                 acc)
+#define MMIM_UNIT_PASS(TWO, FIRST, LAST, W0)                                                        \
+  unit_pass<T, TWO, FIRST, LAST, W0>(Bp, a, b[s], b1, w[s], w1, gb[s], g1, ga, dsum, w0c, wak, wbk, bk, \
+                                     cwa, cwb, acc)
+#define MMIM_UNIT_PASS_FIRST(TWO, LAST)                \
+  if (w0_const) MMIM_UNIT_PASS(TWO, true, LAST, true); \
+  else MMIM_UNIT_PASS(TWO, true, LAST, false)
     if (first && last) {
-      if (two) MMIM_UNIT_PASS(true, true, true);
-      else MMIM_UNIT_PASS(false, true, true);
+      if (two) MMIM_UNIT_PASS_FIRST(true, true);
+      else MMIM_UNIT_PASS_FIRST(false, true);
     } else if (first) {
-      MMIM_UNIT_PASS(true, true, false);  // not last: a later pass exists, so this one has two
+      MMIM_UNIT_PASS_FIRST(true, false);  // not last: a later pass exists, so this one has two
     } else if (last) {
-      if (two) MMIM_UNIT_PASS(true, false, true);
-      else MMIM_UNIT_PASS(false, false, true);
+      if (two) MMIM_UNIT_PASS(true, false, true, false);
+      else MMIM_UNIT_PASS(false, false, true, false);
     } else {
-      MMIM_UNIT_PASS(true, false, false);
+      MMIM_UNIT_PASS(true, false, false, false);
     }
+#undef MMIM_UNIT_PASS_FIRST
 #undef MMIM_UNIT_PASS
   }
 }
@@ -455,7 +466,6 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
   const int64_t nsrc = 1 + R;
   std::vector<const T*> src(nsrc), wts(nsrc);
   std::vector<T*> gsrc(nsrc), score_dst(R);
-  wts[0] = s.wj;
   for (int64_t r = 0; r < R; ++r) {
     wts[1 + r] = s.wm + r * Bp;
     score_dst[r] = s.wm + r * Bp;
@@ -479,10 +489,12 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
       gsrc[1 + r] = s.gP + (r * g.m + j) * Bp;
     }
 
-    // Sample weights: joint grad_t / B; shuffled grad_lme exp(T - lme) / (R B), recomputing
-    // the scores instead of having stored them.
+    // Sample weights: joint grad_t / B (one value, unless the padding needs zeros); shuffled
+    // grad_lme exp(T - lme) / (R B), recomputing the scores instead of having stored them.
     const T gj = grad_t[p] / static_cast<T>(g.B);
-    for (int64_t n = 0; n < Bp; ++n) s.wj[n] = n < g.B ? gj : T(0);
+    wts[0] = g.B == Bp ? nullptr : s.wj;
+    if (g.B != Bp)
+      for (int64_t n = 0; n < Bp; ++n) s.wj[n] = n < g.B ? gj : T(0);
     detail::source_scores<T>(a, src.data() + 1, score_dst.data(), R, 0, Bp, wa, wb, bias, v, K);
     const T gl = grad_lme[p] / static_cast<T>(R * g.B);
     const T lme0 = lme[p] - cp;
@@ -498,7 +510,7 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
 
     for (int64_t k = 0; k < K; ++k) {
       detail::UnitGrad<T> acc{detail::Vec<T>::zero(), detail::Vec<T>::zero(), detail::Vec<T>::zero()};
-      detail::unit_backward<T>(Bp, a, src.data(), wts.data(), gsrc.data(), nsrc, wa[k], wb[k], bias[k],
+      detail::unit_backward<T>(Bp, a, src.data(), wts.data(), gj, gsrc.data(), nsrc, wa[k], wb[k], bias[k],
                                v[k], s.gh + i * Bp, s.dsum, acc);
       acc.ga.store(accv.data() + k * L);
       acc.gb.store(accv.data() + (K + k) * L);
