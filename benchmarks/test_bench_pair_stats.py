@@ -67,6 +67,27 @@ def test_fused(benchmark, bench_size, mode, direction):
 
 
 @needs_fused
+@pytest.mark.parametrize("step", ["critic_step", "penalty_step"])
+def test_fused_partial_backward(benchmark, bench_size, step):
+    """Forward+backward with only some gradients wanted, as in MMIM training: a critic update on
+    detached features (no gradient w.r.t. h) and a penalty through frozen critics (only h's)."""
+    cell = _cell(bench_size, "per_pair")
+    args, upstream = make_inputs(cell, True)
+    _, full = run_once(_fused, args, upstream, "fwdbwd")  # all gradients (checked in test_fused)
+    wanted = [0] if step == "penalty_step" else [1, 2, 3, 4, 5]
+    for i, t in enumerate(args[:6]):
+        t.requires_grad_(i in wanted)
+    _, part = run_once(_fused, args, upstream, "fwdbwd")
+    for i in range(6):
+        if i in wanted:
+            torch.testing.assert_close(part[i], full[i], rtol=1e-6, atol=1e-6)
+        else:
+            assert part[i] is None
+    benchmark.group = f"{cell.label()} fwdbwd {step}"
+    _bench(benchmark, _fused, cell, args, upstream, "fwdbwd", bench_size["rounds"])
+
+
+@needs_fused
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("mode", MODES)
 def test_eager_reference(benchmark, bench_size, mode, direction):

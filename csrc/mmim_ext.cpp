@@ -20,10 +20,13 @@ TORCH_LIBRARY(mmim_ext, m) {
       "Tensor? pairs) -> (Tensor, Tensor)");
   // Gradients w.r.t. (h, wa, wb, b, v, c) given the upstream gradients of (t_joint, lme) and the
   // forward's lme, which the backward uses to weight the shuffled samples by exp(T - lme).
+  // need_h / need_params: compute the gradient w.r.t. h / those w.r.t. the critic (wa..c); one
+  // not asked for is returned as an empty [0] tensor and costs nothing (autograd passes
+  // needs_input_grad: a critic update on detached features, a penalty with frozen critics).
   m.def(
       "pair_stats_bwd(Tensor grad_t_joint, Tensor grad_lme, Tensor h, Tensor wa, Tensor wb, "
-      "Tensor b, Tensor v, Tensor c, Tensor perms, Tensor? pairs, Tensor lme) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor b, Tensor v, Tensor c, Tensor perms, Tensor? pairs, Tensor lme, bool need_h=True, "
+      "bool need_params=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Name of the CPU instruction set the CPU kernels dispatch to ("avx2" or "base").
   m.def("cpu_capability() -> str");
   // Row-wise Gaussian-kernel log-sum-exp (KDE information bounds, DESIGN.md §5):

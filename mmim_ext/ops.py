@@ -209,8 +209,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_t, grad_lme):
     h, wa, wb, b, v, c, perms, pairs, lme = ctx.saved_tensors
-    grads = torch.ops.mmim_ext.pair_stats_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, lme)
-    return (*grads, None, None)
+    # Only the gradients autograd needs: a critic update on detached features needs no gradient
+    # w.r.t. h, a penalty through frozen critics none w.r.t. the critic (the kernels skip that work).
+    need_h = bool(ctx.needs_input_grad[0])
+    need_params = any(ctx.needs_input_grad[1:6])
+    grads = torch.ops.mmim_ext.pair_stats_bwd(
+        grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, lme, need_h, need_params
+    )
+    return (
+        grads[0] if need_h else None,
+        *(g if need_params else None for g in grads[1:]),
+        None,
+        None,
+    )
 
 
 def _double_backward(ctx, *grads):
@@ -229,9 +240,11 @@ def _fake_fwd(h, wa, wb, b, v, c, perms, pairs):
     return h.new_empty(P), h.new_empty(P)
 
 
-def _fake_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, lme):
-    # The kernels return contiguous gradients whatever the inputs' strides.
-    return tuple(t.new_empty(t.shape) for t in (h, wa, wb, b, v, c))
+def _fake_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, lme, need_h=True, need_params=True):
+    # The kernels return contiguous gradients whatever the inputs' strides; a gradient not asked
+    # for is an empty [0] tensor.
+    wanted = (need_h,) + (need_params,) * 5
+    return tuple(t.new_empty(t.shape if w else (0,)) for t, w in zip((h, wa, wb, b, v, c), wanted))
 
 
 if _extension.extension_loaded():

@@ -310,11 +310,54 @@ def test_opcheck(shared, device):
     torch.library.opcheck(torch.ops.mmim_ext.pair_stats_fwd.default, args)
     t, l = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, None)
     gt, gl = torch.randn_like(t), torch.randn_like(l)
-    torch.library.opcheck(
-        torch.ops.mmim_ext.pair_stats_bwd.default,
-        tuple(x.detach() for x in (gt, gl, h, wa, wb, b, v, c)) + (perms, None, l.detach()),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-    )
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(
+            torch.ops.mmim_ext.pair_stats_bwd.default,
+            tuple(x.detach() for x in (gt, gl, h, wa, wb, b, v, c)) + (perms, None, l.detach(), *need),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+        )
+
+
+def _grads_with(inputs, wanted, grad_seed=3):
+    """Gradients of the fused op w.r.t. the inputs named in `wanted` only (the others detached)."""
+    h, wa, wb, b, v, c, perms, pairs = inputs
+    diff = [t.detach().clone().requires_grad_(name in wanted) for name, t in zip(GRADS, (h, wa, wb, b, v, c))]
+    t, l = mmim_ext.pair_stats(*diff, perms, pairs, backend="fused")
+    g = torch.Generator().manual_seed(grad_seed)
+    gt = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)
+    gl = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)
+    req = [x for name, x in zip(GRADS, diff) if name in wanted]
+    return dict(zip([n for n in GRADS if n in wanted], torch.autograd.grad((t * gt).sum() + (l * gl).sum(), req)))
+
+
+@requires_fused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("B,R", [(16, 1), (19, 3)])
+def test_backward_computes_only_needed_gradients(B, R, shared, dtype):
+    # A critic update on detached features (no gradient w.r.t. h) and a penalty through frozen
+    # critics (gradient w.r.t. h only) take the kernel's reduced paths; they must give the same
+    # gradients as the full backward.
+    inputs = make_inputs(B, 7, 5, R, shared=shared, dtype=dtype, seed=B + R)
+    full = _grads_with(inputs, set(GRADS))
+    for wanted in ({"h"}, {"wa", "wb", "b", "v", "c"}, {"h", "v"}, {"c"}):
+        part = _grads_with(inputs, wanted)
+        assert set(part) == wanted
+        for name in wanted:
+            torch.testing.assert_close(part[name], full[name], rtol=1e-12 if dtype == torch.float64 else 1e-6,
+                                       atol=1e-12 if dtype == torch.float64 else 1e-6, msg=name)
+    # The op itself returns empty tensors for what was not asked for.
+    h, wa, wb, b, v, c, perms, pairs = inputs
+    t, l = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+    args = (torch.ones_like(t), torch.ones_like(l), h, wa, wb, b, v, c, perms, pairs, l)
+    only_h = torch.ops.mmim_ext.pair_stats_bwd(*args, True, False)
+    only_p = torch.ops.mmim_ext.pair_stats_bwd(*args, False, True)
+    both = torch.ops.mmim_ext.pair_stats_bwd(*args)
+    assert only_h[0].shape == h.shape and all(x.numel() == 0 for x in only_h[1:])
+    assert only_p[0].numel() == 0 and [x.shape for x in only_p[1:]] == [x.shape for x in both[1:]]
+    assert torch.equal(only_h[0], both[0])
+    for x, y in zip(only_p[1:], both[1:]):
+        assert torch.equal(x, y)
 
 
 @requires_fused
@@ -416,6 +459,13 @@ for dtype in (torch.float64, torch.float32):
         _assert_parity(make_inputs(B, m, K, R, shared=shared, dtype=dtype, scale=scale, seed=B + m), dtype)
     pairs = torch.tensor([[3, 1], [2, 2], [0, 4], [4, 0]])
     _assert_parity(make_inputs(13, 5, 6, 2, shared=False, dtype=dtype, pairs=pairs), dtype)
+# the backward's reduced paths (only the gradient w.r.t. h, only the critic's) in this build
+h, wa, wb, b, v, c, perms, pairs = make_inputs(32, 4, 3, 2, shared=False, seed=4)
+t, l = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+args = (torch.ones_like(t), -torch.ones_like(l), h, wa, wb, b, v, c, perms, pairs, l)
+both = torch.ops.mmim_ext.pair_stats_bwd(*args)
+assert torch.equal(torch.ops.mmim_ext.pair_stats_bwd(*args, True, False)[0], both[0])
+assert all(torch.equal(x, y) for x, y in zip(torch.ops.mmim_ext.pair_stats_bwd(*args, False, True)[1:], both[1:]))
 inputs = make_inputs(5, 3, 2, 2, shared=False, requires_grad=True, seed=9)
 assert torch.autograd.gradcheck(lambda *a: torch.ops.mmim_ext.pair_stats_fwd(*a, inputs[6], None),
                                 inputs[:6], eps=1e-6, atol=1e-7)

@@ -48,6 +48,8 @@ struct BwdScratch {
   T* gh;       // [m][Bp] this thread's gradient w.r.t. hT
   T* gP;       // [R][m][Bp] this thread's gradient w.r.t. hP
   T* gshared;  // [4][K] this thread's gradient of a shared critic (wa, wb, bias, v)
+  bool need_h;       // gradients w.r.t. hT and hP wanted (gh, gP; else both null)
+  bool need_params;  // the critic's gradients wanted (gwa.., gshared)
 };
 
 // Calls f(p, i, j) for the pairs p in [begin, end).

@@ -334,9 +334,10 @@ struct UnitGrad {
 
 // One pass of unit_backward over the samples for one or two sources (kTwo); kFirst / kLast:
 // whether earlier / later passes exist that read or write dsum; kW0: the first source's weights
-// are the single value w0c (the joint samples when the batch has no padding), not the array w0.
-// Compile-time flags keep the sample loop free of branches.
-template <typename T, bool kTwo, bool kFirst, bool kLast, bool kW0>
+// are the single value w0c (the joint samples when the batch has no padding), not the array w0;
+// kH / kP: whether the argument gradients (g0, g1, ga) / the sums for the critic's gradients
+// (acc) are wanted. Compile-time flags keep the sample loop free of branches.
+template <typename T, bool kH, bool kP, bool kTwo, bool kFirst, bool kLast, bool kW0>
 inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0, const T* __restrict b1,
                       const T* __restrict w0, const T* __restrict w1, T* __restrict g0, T* __restrict g1,
                       T* __restrict ga, T* __restrict dsum, const Vec<T>& w0c, const Vec<T>& wak,
@@ -355,21 +356,23 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
     if constexpr (kW0) w0n = w0c;
     else w0n = V::load(w0 + n);
     const V d0 = math::critic_unit_gate(math::critic_x(wbk, bn0, u), w0n);
-    acc_b0 += d0 * bn0;
-    (V::load(g0 + n) + d0 * cwb).store(g0 + n);
+    if constexpr (kP) acc_b0 += d0 * bn0;
+    if constexpr (kH) (V::load(g0 + n) + d0 * cwb).store(g0 + n);
     V D = d0;
     if constexpr (kTwo) {
       const V bn1 = V::load_reg(b1 + n);
       const V d1 = math::critic_unit_gate(math::critic_x(wbk, bn1, u), V::load(w1 + n));
-      acc_b1 += d1 * bn1;
-      (V::load(g1 + n) + d1 * cwb).store(g1 + n);
+      if constexpr (kP) acc_b1 += d1 * bn1;
+      if constexpr (kH) (V::load(g1 + n) + d1 * cwb).store(g1 + n);
       D += d1;
     }
     if constexpr (!kFirst) D += V::load(dsum + n);
     if constexpr (kLast) {
-      acc_a += D * an;
-      acc_1 += D;
-      (V::load(ga + n) + D * cwa).store(ga + n);
+      if constexpr (kP) {
+        acc_a += D * an;
+        acc_1 += D;
+      }
+      if constexpr (kH) (V::load(ga + n) + D * cwa).store(ga + n);
     } else {
       D.store(dsum + n);
     }
@@ -379,8 +382,9 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
   acc.g1 += acc_1;
 }
 
-// w[0] == nullptr: every sample of source 0 has the weight w0 (no padding to zero).
-template <typename T>
+// w[0] == nullptr: every sample of source 0 has the weight w0 (no padding to zero). kH, kP: see
+// unit_pass (gb and ga are not touched without kH, acc is not without kP).
+template <typename T, bool kH, bool kP>
 inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* const* w, T w0, T* const* gb,
                           int64_t nsrc, T wak_s, T wbk_s, T bk_s, T vk_s, T* ga, T* dsum,
                           UnitGrad<T>& acc) {
@@ -397,8 +401,8 @@ inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* co
     const T* w1 = two ? w[s + 1] : w[s];
     T* g1 = two ? gb[s + 1] : gb[s];
 #define MMIM_UNIT_PASS(TWO, FIRST, LAST, W0)                                                        \
-  unit_pass<T, TWO, FIRST, LAST, W0>(Bp, a, b[s], b1, w[s], w1, gb[s], g1, ga, dsum, w0c, wak, wbk, bk, \
-                                     cwa, cwb, acc)
+  unit_pass<T, kH, kP, TWO, FIRST, LAST, W0>(Bp, a, b[s], b1, w[s], w1, gb[s], g1, ga, dsum, w0c, wak, wbk, \
+                                             bk, cwa, cwb, acc)
 #define MMIM_UNIT_PASS_FIRST(TWO, LAST)                \
   if (w0_const) MMIM_UNIT_PASS(TWO, true, LAST, true); \
   else MMIM_UNIT_PASS(TWO, true, LAST, false)
@@ -454,13 +458,13 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
   });
 }
 
-// Backward for pairs [begin, end). Gradients w.r.t. hT and hP go to this thread's buffers s.gh,
-// s.gP; per-pair critic gradients are written to gwa..gv (rows p), a shared critic's are
-// accumulated in s.gshared.
-template <typename T>
-MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, const T* grad_t,
-                    const T* grad_lme, const T* lme, const BwdScratch<T>& s, T* gwa, T* gwb,
-                    T* gbias, T* gv) {
+namespace detail {
+
+// backward_range for the wanted gradients: kH, those w.r.t. hT and hP; kP, the critic's.
+template <typename T, bool kH, bool kP>
+inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, const T* grad_t,
+                           const T* grad_lme, const T* lme, const BwdScratch<T>& s, T* gwa, T* gwb,
+                           T* gbias, T* gv) {
   const bool shared = g.pstride == 0;
   const int64_t K = g.K, R = g.R, Bp = g.Bp;
   const int64_t nsrc = 1 + R;
@@ -483,10 +487,10 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
     const T cp = g.c[p * g.cstride];
     const T* a = g.hT + i * Bp;
     src[0] = g.hT + j * Bp;
-    gsrc[0] = s.gh + j * Bp;
-    for (int64_t r = 0; r < R; ++r) {
-      src[1 + r] = g.hP + (r * g.m + j) * Bp;
-      gsrc[1 + r] = s.gP + (r * g.m + j) * Bp;
+    for (int64_t r = 0; r < R; ++r) src[1 + r] = g.hP + (r * g.m + j) * Bp;
+    if constexpr (kH) {
+      gsrc[0] = s.gh + j * Bp;
+      for (int64_t r = 0; r < R; ++r) gsrc[1 + r] = s.gP + (r * g.m + j) * Bp;
     }
 
     // Sample weights: joint grad_t / B (one value, unless the padding needs zeros); shuffled
@@ -510,12 +514,15 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
 
     for (int64_t k = 0; k < K; ++k) {
       detail::UnitGrad<T> acc{detail::Vec<T>::zero(), detail::Vec<T>::zero(), detail::Vec<T>::zero()};
-      detail::unit_backward<T>(Bp, a, src.data(), wts.data(), gj, gsrc.data(), nsrc, wa[k], wb[k], bias[k],
-                               v[k], s.gh + i * Bp, s.dsum, acc);
-      acc.ga.store(accv.data() + k * L);
-      acc.gb.store(accv.data() + (K + k) * L);
-      acc.g1.store(accv.data() + (2 * K + k) * L);
+      detail::unit_backward<T, kH, kP>(Bp, a, src.data(), wts.data(), gj, gsrc.data(), nsrc, wa[k], wb[k],
+                                       bias[k], v[k], kH ? s.gh + i * Bp : nullptr, s.dsum, acc);
+      if constexpr (kP) {
+        acc.ga.store(accv.data() + k * L);
+        acc.gb.store(accv.data() + (K + k) * L);
+        acc.g1.store(accv.data() + (2 * K + k) * L);
+      }
     }
+    if constexpr (!kP) return;
     detail::lane_sums(accv.data(), 3 * K, sums.data());
     // d/dwa = v sum(gate a), d/dwb = v sum(gate b), d/dbias = v sum(gate),
     // d/dv = sum(gate x) = wa sum(gate a) + wb sum(gate b) + bias sum(gate); units L at a time.
@@ -554,6 +561,25 @@ MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, in
       for (int q = 0; q < 4; ++q) out[q][k] = shared ? out[q][k] + res[q] : res[q];
     }
   });
+}
+
+}  // namespace detail
+
+// Backward for pairs [begin, end), of the gradients s.need_h / s.need_params asks for (at least
+// one). Gradients w.r.t. hT and hP go to this thread's buffers s.gh, s.gP; per-pair critic
+// gradients are written to gwa..gv (rows p), a shared critic's are accumulated in s.gshared.
+// Without need_h the sample loop skips its three read-modify-writes of gradient rows; without
+// need_params its four sums and the per-pair epilogue.
+template <typename T>
+MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, const T* grad_t,
+                                 const T* grad_lme, const T* lme, const BwdScratch<T>& s, T* gwa, T* gwb,
+                                 T* gbias, T* gv) {
+  if (s.need_h && s.need_params)
+    detail::backward_pairs<T, true, true>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv);
+  else if (s.need_h)
+    detail::backward_pairs<T, true, false>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv);
+  else if (s.need_params)
+    detail::backward_pairs<T, false, true>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv);
 }
 
 }  // namespace MMIM_CPU_CAPABILITY

@@ -234,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_stats_bwd_cpu(
     const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h, const at::Tensor& wa,
     const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v, const at::Tensor& c,
-    const at::Tensor& perms, const c10::optional<at::Tensor>& pairs, const at::Tensor& lme) {
+    const at::Tensor& perms, const c10::optional<at::Tensor>& pairs, const at::Tensor& lme, bool need_h,
+    bool need_params) {
   const Staged st = stage(h, wa, wb, b, v, c, perms, pairs);
   const PairStatsSizes& s = st.s;
   for (const at::Tensor* t : {&grad_t, &grad_lme, &lme}) {
@@ -247,33 +248,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t B = s.B, Bp = st.Bp, m = s.m, K = s.K, R = s.R;
 
-  at::Tensor grad_h = at::empty({B, m}, h.options());
+  // A gradient not asked for (need_h / need_params false) is returned as an empty [0] tensor (a
+  // new one each: outputs of an op must not alias).
+  auto none = [&] { return at::empty({0}, h.options()); };
+  at::Tensor grad_h = need_h ? at::empty({B, m}, h.options()) : none();
   // One critic per pair: the loops write every row, so no zero fill ([P, K] x 4 is large).
-  auto make_grad = [&] { return s.shared ? at::zeros(wa.sizes(), h.options()) : at::empty(wa.sizes(), h.options()); };
+  auto make_grad = [&] {
+    if (!need_params) return none();
+    return s.shared ? at::zeros(wa.sizes(), h.options()) : at::empty(wa.sizes(), h.options());
+  };
   at::Tensor gwa = make_grad(), gwb = make_grad(), gb = make_grad(), gv = make_grad();
-  at::Tensor gc;
-  if (s.shared) {
-    gc = gt_c.sum().add(gl_c.sum());
-  } else {
-    gc = gt_c.add(gl_c);  // d t_joint / d c = 1 and d lme / d c = 1
-  }
+  at::Tensor gc = none();
+  if (need_params) gc = s.shared ? gt_c.sum().add(gl_c.sum()) : gt_c.add(gl_c);  // d t_joint / d c = d lme / d c = 1
+  if (!need_h && !need_params) return {grad_h, gwa, gwb, gb, gv, gc};
 
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pair_stats_bwd_cpu", [&] {
     using T = scalar_t;
     const PairStatsCpuArgs<T> g = make_args<T>(st);
     // Per-thread gradient buffers: for hT and hP ([1+R][m][Bp]) and for a shared critic ([4][K]).
     // Summed after the parallel region, in parallel over units, in a fixed order (deterministic).
-    at::Tensor gbuf = at::zeros({nthreads, 1 + R, m, Bp}, h.options());
+    at::Tensor gbuf = need_h ? at::zeros({nthreads, 1 + R, m, Bp}, h.options()) : none();
     at::Tensor gs_threads = at::zeros({nthreads, 4, K}, h.options());
-    T* gbuf_all = gbuf.data_ptr<T>();
+    T* gbuf_all = need_h ? gbuf.data_ptr<T>() : nullptr;
     T* gs_all = gs_threads.data_ptr<T>();
     const T* gtp = gt_c.data_ptr<T>();
     const T* glp = gl_c.data_ptr<T>();
     const T* lmep = lme_c.data_ptr<T>();
-    T* gwap = gwa.data_ptr<T>();
-    T* gwbp = gwb.data_ptr<T>();
-    T* gbp = gb.data_ptr<T>();
-    T* gvp = gv.data_ptr<T>();
+    T* gwap = need_params ? gwa.data_ptr<T>() : nullptr;
+    T* gwbp = need_params ? gwb.data_ptr<T>() : nullptr;
+    T* gbp = need_params ? gb.data_ptr<T>() : nullptr;
+    T* gvp = need_params ? gv.data_ptr<T>() : nullptr;
     const int64_t per_thread = (1 + R) * m * Bp;
     at::parallel_for(0, s.P, grain(s), [&](int64_t begin, int64_t end) {
       const int64_t tid = at::get_thread_num();
@@ -283,15 +287,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       sc.wm = scratch.data();
       sc.wj = sc.wm + R * Bp;
       sc.dsum = sc.wj + Bp;
-      sc.gh = gbuf_all + tid * per_thread;
-      sc.gP = sc.gh + m * Bp;
+      sc.gh = need_h ? gbuf_all + tid * per_thread : nullptr;
+      sc.gP = need_h ? sc.gh + m * Bp : nullptr;
       sc.gshared = gs_all + tid * 4 * K;
+      sc.need_h = need_h;
+      sc.need_params = need_params;
       run_backward<T>(g, begin, end, gtp, glp, lmep, sc, gwap, gwbp, gbp, gvp);
     });
     // grad_h[n, u] = sum over threads of gh[u][n] + sum over r of gP[r][u][n'] at n = perms[r][n'].
-    T* ghp = grad_h.data_ptr<T>();
+    T* ghp = need_h ? grad_h.data_ptr<T>() : nullptr;
     const int64_t* pp = st.perms.data_ptr<int64_t>();
-    at::parallel_for(0, m, 16, [&](int64_t u0, int64_t u1) {
+    at::parallel_for(0, need_h ? m : 0, 16, [&](int64_t u0, int64_t u1) {
       std::vector<T> row(static_cast<size_t>(Bp)), part(static_cast<size_t>(Bp));
       for (int64_t u = u0; u < u1; ++u) {
         std::fill(row.begin(), row.end(), T(0));
@@ -311,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t n = 0; n < B; ++n) ghp[n * m + u] = row[n];
       }
     });
-    if (s.shared) {
+    if (s.shared && need_params) {
       at::Tensor red = gs_threads.sum(0);  // [4, K]
       gwa.copy_(red[0]);
       gwb.copy_(red[1]);

@@ -512,7 +512,8 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cuda(const at::Tensor& h, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_stats_bwd_cuda(
     const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h, const at::Tensor& wa,
     const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v, const at::Tensor& c,
-    const at::Tensor& perms, const c10::optional<at::Tensor>& pairs, const at::Tensor& lme) {
+    const at::Tensor& perms, const c10::optional<at::Tensor>& pairs, const at::Tensor& lme, bool need_h,
+    bool need_params) {
   const c10::cuda::CUDAGuard guard(h.device());
   const Staged st = stage(h, wa, wb, b, v, c, perms, pairs);
   const PairStatsSizes& s = st.s;
@@ -528,9 +529,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lm = lme.to(st.acc).contiguous();
   const int64_t K = s.K;
 
-  at::Tensor ghT = at::empty({s.m, s.B}, acc_opts);
+  // A gradient not asked for: its kernel is not launched and an empty [0] tensor is returned.
+  auto none = [&] { return at::empty({0}, h.options()); };
+  at::Tensor ghT = at::empty({need_h ? s.m : 0, need_h ? s.B : 0}, acc_opts);
   const int64_t prm_warps = s.shared ? std::min<int64_t>(s.P, kSharedWarps) : s.P;
-  at::Tensor gprm = at::zeros({s.shared ? std::max<int64_t>(prm_warps, 1) : s.P, 4, K}, acc_opts);
+  at::Tensor gprm = at::zeros({need_params ? (s.shared ? std::max<int64_t>(prm_warps, 1) : s.P) : 0, 4, K},
+                              acc_opts);
   at::Tensor inv = at::empty({s.R, s.B}, perms.options());
   at::Tensor offsets, entries;
   if (!s.all_pairs && s.P > 0) {
@@ -554,8 +558,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       d.grad_t = gt.data_ptr<T>();
       d.grad_lme = gl.data_ptr<T>();
       d.lme = lm.data_ptr<T>();
-      pair_stats_bwd_params_kernel<T><<<blocks_for_warps(prm_warps), kThreads, 0, stream>>>(g, d, gprm.data_ptr<T>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (need_params) {
+        pair_stats_bwd_params_kernel<T><<<blocks_for_warps(prm_warps), kThreads, 0, stream>>>(g, d, gprm.data_ptr<T>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (!need_h) return;
       GatherArgs<T> ga;
       ga.inv = inv.data_ptr<int64_t>();
       ga.offsets = s.all_pairs ? nullptr : offsets.data_ptr<int64_t>();
@@ -569,9 +576,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   const at::ScalarType dt = h.scalar_type();
+  at::Tensor grad_h = need_h ? ghT.t().to(dt).contiguous() : none();
+  if (!need_params) return {grad_h, none(), none(), none(), none(), none()};
   // A shared critic: the per-warp rows summed in a fixed order by ATen.
   const at::Tensor red = s.shared ? gprm.sum(0) : gprm;  // [4, K] or [P, 4, K]
-  at::Tensor grad_h = ghT.t().to(dt).contiguous();
   at::Tensor gwa = red.select(-2, 0).to(dt).contiguous();
   at::Tensor gwb = red.select(-2, 1).to(dt).contiguous();
   at::Tensor gb = red.select(-2, 2).to(dt).contiguous();
