@@ -203,6 +203,30 @@ def test_lme_is_bounded_by_max_score():
 
 
 @requires_fused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pairs", [None, "shuffled"])
+def test_shared_critic_equals_replicated_per_pair(dtype, pairs):
+    # A shared critic's first layer (wa a + bias) is computed once per first argument and reused
+    # by the pairs that share it; a per-pair critic computes it per pair. Same numbers: the
+    # forward and the gradient w.r.t. h bitwise, the critic's gradient as the sum over pairs.
+    B, m, K, R = 40, 9, 6, 2
+    g = torch.Generator().manual_seed(7)
+    idx = None
+    if pairs == "shuffled":  # the first argument changes from pair to pair, and repeats
+        idx = all_pairs(m)[torch.randperm(m * (m - 1) // 2, generator=g)][:30]
+        idx = torch.cat([idx, idx[:5].flip(1), torch.tensor([[3, 3]])])
+    h, wa, wb, b, v, c, perms, idx = make_inputs(B, m, K, R, shared=True, dtype=dtype, pairs=idx)
+    P = m * (m - 1) // 2 if idx is None else idx.shape[0]
+    rep = [t.expand(P, K).contiguous() for t in (wa, wb, b, v)] + [c.expand(P).contiguous()]
+    shared = _run("fused", (h, wa, wb, b, v, c, perms, idx), 2)
+    per_pair = _run("fused", (h, *rep, perms, idx), 2)
+    assert torch.equal(shared[0], per_pair[0]) and torch.equal(shared[1], per_pair[1])
+    assert torch.equal(shared[2][0], per_pair[2][0])
+    for gs, gp in zip(shared[2][1:], per_pair[2][1:]):
+        torch.testing.assert_close(gs, gp.sum(0), **TOL[dtype])
+
+
+@requires_fused
 def test_deterministic_and_thread_count_independent():
     inputs = make_inputs(37, 30, 8, 2, shared=True, dtype=torch.float32, seed=11)
     a = _run("fused", inputs, 3)
