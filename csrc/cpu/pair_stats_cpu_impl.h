@@ -316,17 +316,16 @@ inline void source_scores(const T* a, const T* U, int64_t Bp, const T* const* sr
 }
 
 // A shared critic's first_layer_rows of the current first argument, recomputed when the pairs
-// move to another one; inactive (rows() == nullptr) for per-pair critics.
+// move to another one; for per-pair critics buf stays empty and rows() is nullptr.
 template <typename T>
 struct FirstLayerCache {
   std::vector<T> buf;
   int64_t unit = -1;
-  bool active = false;
-  FirstLayerCache(const PairStatsCpuArgs<T>& g) : active(g.pstride == 0) {
-    if (active) buf.resize(static_cast<size_t>(g.K * g.Bp));
+  explicit FirstLayerCache(const PairStatsCpuArgs<T>& g) {
+    if (g.pstride == 0) buf.resize(static_cast<size_t>(g.K * g.Bp));
   }
   const T* rows(const PairStatsCpuArgs<T>& g, int64_t i) {
-    if (!active) return nullptr;
+    if (buf.empty()) return nullptr;
     if (i != unit) {
       first_layer_rows<T>(g.hT + i * g.Bp, g.wa, g.bias, g.K, g.Bp, buf.data());
       unit = i;
