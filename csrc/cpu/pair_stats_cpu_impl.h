@@ -319,12 +319,13 @@ inline void source_scores(const T* a, const T* U, int64_t Bp, const T* const* sr
 // move to another one; for per-pair critics buf stays empty and rows() is nullptr.
 template <typename T>
 struct FirstLayerCache {
+  const PairStatsCpuArgs<T>& g;
   std::vector<T> buf;
   int64_t unit = -1;
-  explicit FirstLayerCache(const PairStatsCpuArgs<T>& g) {
+  explicit FirstLayerCache(const PairStatsCpuArgs<T>& args) : g(args) {
     if (g.pstride == 0) buf.resize(static_cast<size_t>(g.K * g.Bp));
   }
-  const T* rows(const PairStatsCpuArgs<T>& g, int64_t i) {
+  const T* rows(int64_t i) {
     if (buf.empty()) return nullptr;
     if (i != unit) {
       first_layer_rows<T>(g.hT + i * g.Bp, g.wa, g.bias, g.K, g.Bp, buf.data());
@@ -496,7 +497,7 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
     const T* bias = g.bias + p * g.pstride;
     const T* v = g.v + p * g.pstride;
     const T* a = g.hT + i * g.Bp;
-    const T* U = first_layer.rows(g, i);
+    const T* U = first_layer.rows(i);
     src[0] = g.hT + j * g.Bp;
     for (int64_t r = 0; r < g.R; ++r) src[1 + r] = g.hP + (r * g.m + j) * g.Bp;
     T jsum = T(0);
@@ -556,7 +557,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     wts[0] = g.B == Bp ? nullptr : s.wj;
     if (g.B != Bp)
       for (int64_t n = 0; n < Bp; ++n) s.wj[n] = n < g.B ? gj : T(0);
-    detail::source_scores<T>(a, first_layer.rows(g, i), Bp, src.data() + 1, score_dst.data(), R, 0, Bp, wa,
+    detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data() + 1, score_dst.data(), R, 0, Bp, wa,
                              wb, bias, v, K);
     const T gl = grad_lme[p] / static_cast<T>(R * g.B);
     const T lme0 = lme[p] - cp;
