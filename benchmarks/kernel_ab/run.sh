@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# In-process A/B of the CPU loops: csrc/cpu/pair_stats_cpu_impl.h at a git revision (A) against
+# the working tree's (B), both compiled into one binary (kernel_ab.cpp) and timed alternately.
+#
+#   benchmarks/kernel_ab/run.sh REV [options]     e.g. run.sh HEAD --pairs 16000 --trials 40
+#
+# REV = the working tree's own HEAD with an unmodified header is an A/A run: it shows the
+# harness's noise. Options go to the binary (--m --B --K --R --pairs --trials --shared --need-h
+# --need-params --json; see kernel_ab.cpp). Needs g++ (or $CXX) and an x86-64 CPU with AVX2 and
+# FMA; no Python, no torch.
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == -* ]]; then
+  echo "usage: $0 REV [options]   (REV: the git revision whose pair_stats_cpu_impl.h is version A)" >&2
+  exit 2
+fi
+rev=$1
+shift
+root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+impl=csrc/cpu/pair_stats_cpu_impl.h
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if ! git -C "$root" show "$rev:$impl" >"$work/impl_a.h" 2>/dev/null; then
+  echo "$0: cannot read $impl at revision '$rev'" >&2
+  exit 2
+fi
+cp "$root/$impl" "$work/impl_b.h"
+# The extension's flags (setup.py): -O3, FMA contraction on, hidden visibility.
+"${CXX:-g++}" -O3 -std=c++17 -ffp-contract=fast -fvisibility=hidden -Wno-psabi -falign-loops=64 -falign-functions=64 \
+  -I"$root/csrc" -I"$work" -DIMPL_A='"impl_a.h"' -DIMPL_B='"impl_b.h"' \
+  "$root/benchmarks/kernel_ab/kernel_ab.cpp" -o "$work/kernel_ab"
+echo "A = $impl at $rev ($(git -C "$root" rev-parse --short "$rev")), B = working tree"
+"$work/kernel_ab" "$@"
