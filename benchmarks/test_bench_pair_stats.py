@@ -17,6 +17,7 @@ from compare import (
     CompiledReference,
     _eager,
     _fused,
+    _onepass,
     assert_matches,
     make_inputs,
     run_once,
@@ -85,6 +86,20 @@ def test_fused_partial_backward(benchmark, bench_size, step):
             assert part[i] is None
     benchmark.group = f"{cell.label()} fwdbwd {step}"
     _bench(benchmark, _fused, cell, args, upstream, "fwdbwd", bench_size["rounds"])
+
+
+@needs_fused
+@pytest.mark.parametrize("mode", MODES)
+def test_onepass(benchmark, bench_size, mode):
+    """Forward+backward through mmim_ext.pair_stats_linear with the upstream gradients as its
+    coefficients: on the CPU statistics and gradients in one pass (same results as test_fused)."""
+    cell = _cell(bench_size, mode)
+    args, upstream = make_inputs(cell, True)
+    one = run_once(_onepass, args, upstream, "fwdbwd")
+    fused = run_once(_fused, args, upstream, "fwdbwd")
+    assert_matches(f"[{cell.label()} fwdbwd] fused vs onepass", *fused, *one)
+    benchmark.group = f"{cell.label()} fwdbwd"
+    _bench(benchmark, _onepass, cell, args, upstream, "fwdbwd", bench_size["rounds"])
 
 
 @needs_fused

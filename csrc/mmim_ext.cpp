@@ -4,7 +4,11 @@
 // There is no pybind module: importing mmim_ext._C only loads this library, which runs the
 // registrations (the pattern of pytorch/extension-cpp).
 #include <Python.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 // A module with no methods: `import mmim_ext._C` loads the shared library and its static
 // registrations. PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.
@@ -27,10 +31,50 @@ TORCH_LIBRARY(mmim_ext, m) {
       "pair_stats_bwd(Tensor grad_t_joint, Tensor grad_lme, Tensor h, Tensor wa, Tensor wb, "
       "Tensor b, Tensor v, Tensor c, Tensor perms, Tensor? pairs, Tensor lme, bool need_h=True, "
       "bool need_params=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Statistics and gradients in one call, for upstream gradients known before the forward (a loss
+  // that is a fixed linear combination of t_joint and lme): returns (t_joint, lme) and what
+  // pair_stats_bwd would return for them. The CPU kernel does it in one pass over the samples
+  // (no separate forward, no recompute of the shuffled scores); other devices run the two ops.
+  m.def(
+      "pair_stats_fwd_bwd(Tensor grad_t_joint, Tensor grad_lme, Tensor h, Tensor wa, Tensor wb, "
+      "Tensor b, Tensor v, Tensor c, Tensor perms, Tensor? pairs, bool need_h=True, "
+      "bool need_params=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Name of the CPU instruction set the CPU kernels dispatch to ("avx2" or "base").
   m.def("cpu_capability() -> str");
   // Row-wise Gaussian-kernel log-sum-exp (KDE information bounds, DESIGN.md §5):
   // out[n] = log sum_l exp(-scale * ||x_n - y_l||^2); the backward takes the forward's out.
   m.def("kde_lse(Tensor x, Tensor y, float scale) -> Tensor");
   m.def("kde_lse_bwd(Tensor grad_out, Tensor x, Tensor y, float scale, Tensor out) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+// pair_stats_fwd_bwd wherever no device kernel is registered (CUDA): the forward op, then the
+// backward op with its lme. The CPU registers its one-pass kernel (csrc/cpu/).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+pair_stats_fwd_bwd_composite(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
+                             const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v,
+                             const at::Tensor& c, const at::Tensor& perms, const c10::optional<at::Tensor>& pairs,
+                             bool need_h, bool need_params) {
+  static auto fwd = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("mmim_ext::pair_stats_fwd", "")
+                        .typed<std::tuple<at::Tensor, at::Tensor>(
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const c10::optional<at::Tensor>&)>();
+  static auto bwd = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("mmim_ext::pair_stats_bwd", "")
+                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, bool, bool)>();
+  auto [t, l] = fwd.call(h, wa, wb, b, v, c, perms, pairs);
+  auto [gh, gwa, gwb, gb, gv, gc] = bwd.call(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, l, need_h, need_params);
+  return {t, l, gh, gwa, gwb, gb, gv, gc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmim_ext, CompositeExplicitAutograd, m) {
+  m.impl("pair_stats_fwd_bwd", &pair_stats_fwd_bwd_composite);
 }

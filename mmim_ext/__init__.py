@@ -5,7 +5,7 @@ experiments -> regularizers -> estimators -> ops -> compiled kernels (``mmim_ext
 """
 
 from mmim_ext._extension import extension_loaded
-from mmim_ext.ops import fused_available, num_pairs, pair_stats
+from mmim_ext.ops import fused_available, num_pairs, pair_stats, pair_stats_linear
 from mmim_ext.reference import all_pairs, pair_stats_reference
 from mmim_ext.kde_ops import kde_lse
 from mmim_ext.infoplane import InfoPlaneRecorder, binned_mi, kde_mi
@@ -48,5 +48,6 @@ __all__ = [
     "fused_available",
     "num_pairs",
     "pair_stats",
+    "pair_stats_linear",
     "pair_stats_reference",
 ]

@@ -1,7 +1,8 @@
 """The pairwise critic-statistics op: public wrapper, validation, autograd and fake kernels.
 
-The fused kernels live in ``csrc/`` and are registered as ``mmim_ext::pair_stats_fwd`` and
-``mmim_ext::pair_stats_bwd``. Autograd is attached here with ``torch.library.register_autograd``
+The fused kernels live in ``csrc/`` and are registered as ``mmim_ext::pair_stats_fwd``,
+``mmim_ext::pair_stats_bwd`` and ``mmim_ext::pair_stats_fwd_bwd`` (both in one pass, for
+:func:`pair_stats_linear`). Autograd is attached here with ``torch.library.register_autograd``
 (the backward is itself an op, so ``torch.compile`` and ``opcheck`` see both), and the fake
 kernels give shapes to the compiler. When the extension is missing every call goes to
 :func:`mmim_ext.reference.pair_stats_reference`.
@@ -16,7 +17,7 @@ import torch
 from mmim_ext import _extension
 from mmim_ext.reference import pair_stats_reference
 
-__all__ = ["pair_stats", "fused_available", "num_pairs"]
+__all__ = ["pair_stats", "pair_stats_linear", "fused_available", "num_pairs"]
 
 #: Scratch budget of one fused call, in bytes. The CPU kernel stages the R shuffled copies of h
 #: and, in the backward, per-thread gradient buffers of that size; when R is so large that they
@@ -172,6 +173,106 @@ def pair_stats(h, wa, wb, b, v, c, perms, pairs=None, *, backend: str = "auto"):
     return pair_stats_reference(h, wa, wb, b, v, c, perms, pairs)
 
 
+def pair_stats_linear(h, wa, wb, b, v, c, perms, coef_t, coef_lme, pairs=None, *, backend: str = "auto"):
+    """A fixed linear combination of the statistics, with its gradients computed in the forward.
+
+    ``loss = sum_p coef_t[p] * t_joint[p] + coef_lme[p] * lme[p]`` for the statistics of
+    :func:`pair_stats` (same arguments). The Donsker-Varadhan bounds summed over pairs are
+    ``coef_t = 1, coef_lme = -1``; a penalty through frozen critics or any loss whose gradient
+    w.r.t. ``(t_joint, lme)`` does not depend on their values has this form.
+
+    Because the upstream gradients are known before the forward, the CPU kernel computes the
+    statistics and the gradients of ``loss`` w.r.t. the inputs that require them in one pass over
+    the samples (``mmim_ext::pair_stats_fwd_bwd``): no separate forward pass and no recompute of
+    the shuffled scores in the backward, against ``pair_stats`` followed by ``backward()``. The
+    gradients are kept until ``loss.backward()``, which scales them by the upstream gradient of
+    ``loss``. Other devices and the reference run ``pair_stats`` and autograd; the result is the
+    same up to rounding.
+
+    Args:
+        h, wa, wb, b, v, c, perms, pairs, backend: as for :func:`pair_stats`.
+        coef_t, coef_lme: ``[P]`` in ``h``'s dtype and device. They may require gradients (the
+            gradient of ``loss`` w.r.t. them is ``t_joint``, ``lme``).
+
+    Returns:
+        ``(loss, t_joint, lme)``: ``loss`` a 0-d tensor, differentiable once (no double backward
+        through the fused path); ``t_joint`` and ``lme`` ``[P]``, without gradient.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"pair_stats_linear: argument 'backend' must be one of {_BACKENDS}, got {backend!r}")
+    P, _ = _validate(h, wa, wb, b, v, c, perms, pairs)
+    for name, t in (("coef_t", coef_t), ("coef_lme", coef_lme)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"pair_stats_linear: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (P,):
+            raise ValueError(f"pair_stats_linear: argument '{name}' must have shape [P] = [{P}], got {_fmt(t.shape)}")
+        if t.dtype != h.dtype or t.device != h.device:
+            raise TypeError(
+                f"pair_stats_linear: argument '{name}' must have h's dtype {h.dtype} and device {h.device}, "
+                f"got {t.dtype} on {t.device}"
+            )
+    use_fused = backend == "fused" or (backend == "auto" and fused_available(h.device))
+    one_pass = (
+        use_fused
+        and h.device.type == "cpu"
+        and fused_available("cpu")
+        and _rows_per_call(h.shape[0], h.shape[1], perms.shape[0], h.element_size()) >= perms.shape[0]
+    )
+    if not one_pass:
+        t_joint, lme = pair_stats(h, wa, wb, b, v, c, perms, pairs, backend=backend)
+        loss = (coef_t * t_joint).sum() + (coef_lme * lme).sum()
+        return loss, t_joint.detach(), lme.detach()
+    if not torch.compiler.is_compiling():
+        _check_values(h, perms, pairs)
+    return _PairStatsLinear.apply(h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme)
+
+
+class _PairStatsLinear(torch.autograd.Function):
+    """pair_stats_linear's one pass: the gradients are formed in the forward and scaled in the backward.
+
+    The first backward hands the forward's gradient buffers to autograd, scaled in place, so that
+    no copy of the ``[P, K]`` gradients is made; a later backward through the same graph
+    (``retain_graph=True``) computes them again from the saved inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme):
+        need_h = bool(ctx.needs_input_grad[0])
+        need_params = any(ctx.needs_input_grad[1:6])
+        if need_h or need_params:
+            t_joint, lme, *grads = torch.ops.mmim_ext.pair_stats_fwd_bwd(
+                coef_t, coef_lme, h, wa, wb, b, v, c, perms, pairs, need_h, need_params
+            )
+        else:
+            t_joint, lme = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+            grads = None
+        loss = (coef_t * t_joint).sum() + (coef_lme * lme).sum()
+        ctx.mark_non_differentiable(t_joint, lme)
+        ctx.need = (need_h,) + (need_params,) * 5
+        ctx.grads = grads
+        ctx.save_for_backward(h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, t_joint, lme)
+        return loss, t_joint, lme
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_t, _grad_lme):
+        h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, t_joint, lme = ctx.saved_tensors
+        need_h, need_params = ctx.need[0], ctx.need[1]
+        out = [None] * 6
+        if need_h or need_params:
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:  # not the first backward through this graph
+                _, _, *grads = torch.ops.mmim_ext.pair_stats_fwd_bwd(
+                    coef_t, coef_lme, h, wa, wb, b, v, c, perms, pairs, need_h, need_params
+                )
+            unit = bool(grad_loss == 1)
+            out = [(g if unit else g.mul_(grad_loss)) if need else None for g, need in zip(grads, ctx.need)]
+            del grads
+        gct = t_joint * grad_loss if ctx.needs_input_grad[8] else None
+        gcl = lme * grad_loss if ctx.needs_input_grad[9] else None
+        return (*out, None, None, gct, gcl)
+
+
 @torch.compiler.assume_constant_result  # a plain int for the tracer (thread count at trace time)
 def _rows_per_call(B: int, m: int, R: int, itemsize: int) -> int:
     """Permutation rows per fused call so that its scratch stays within FUSED_SCRATCH_BYTES."""
@@ -247,8 +348,14 @@ def _fake_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, lme, need_h=Tr
     return tuple(t.new_empty(t.shape if w else (0,)) for t, w in zip((h, wa, wb, b, v, c), wanted))
 
 
+def _fake_fwd_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, need_h=True, need_params=True):
+    return (*_fake_fwd(h, wa, wb, b, v, c, perms, pairs),
+            *_fake_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, None, need_h, need_params))
+
+
 if _extension.extension_loaded():
     torch.library.register_fake("mmim_ext::pair_stats_fwd")(_fake_fwd)
     torch.library.register_fake("mmim_ext::pair_stats_bwd")(_fake_bwd)
+    torch.library.register_fake("mmim_ext::pair_stats_fwd_bwd")(_fake_fwd_bwd)
     torch.library.register_autograd("mmim_ext::pair_stats_fwd", _backward, setup_context=_setup_context)
     torch.library.register_autograd("mmim_ext::pair_stats_bwd", _double_backward, setup_context=_bwd_setup_context)

@@ -490,6 +490,15 @@ args = (torch.ones_like(t), -torch.ones_like(l), h, wa, wb, b, v, c, perms, pair
 both = torch.ops.mmim_ext.pair_stats_bwd(*args)
 assert torch.equal(torch.ops.mmim_ext.pair_stats_bwd(*args, True, False)[0], both[0])
 assert all(torch.equal(x, y) for x, y in zip(torch.ops.mmim_ext.pair_stats_bwd(*args, False, True)[1:], both[1:]))
+# the one pass of pair_stats_fwd_bwd in this build against the forward and backward ops
+for shared in (False, True):
+    h, wa, wb, b, v, c, perms, pairs = make_inputs(300, 4, 3, 2, shared=shared, seed=6)
+    t, l = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+    ct, cl = torch.randn_like(t), torch.randn_like(l)
+    one = torch.ops.mmim_ext.pair_stats_fwd_bwd(ct, cl, h, wa, wb, b, v, c, perms, pairs)
+    two = (t, l) + tuple(torch.ops.mmim_ext.pair_stats_bwd(ct, cl, h, wa, wb, b, v, c, perms, pairs, l))
+    for x, y in zip(one, two):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
 inputs = make_inputs(5, 3, 2, 2, shared=False, requires_grad=True, seed=9)
 assert torch.autograd.gradcheck(lambda *a: torch.ops.mmim_ext.pair_stats_fwd(*a, inputs[6], None),
                                 inputs[:6], eps=1e-6, atol=1e-7)

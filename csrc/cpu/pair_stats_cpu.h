@@ -92,6 +92,14 @@ inline void for_each_pair(const int64_t* pairs, int64_t m, int64_t begin, int64_
                                        const double*, const double*, const double*,               \
                                        const BwdScratch<double>&, double*, double*, double*,      \
                                        double*);                                                  \
+  template void forward_backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t,   \
+                                              const float*, const float*,                         \
+                                              const BwdScratch<float>&, float*, float*, float*,   \
+                                              float*, float*, float*);                            \
+  template void forward_backward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t, \
+                                               const double*, const double*,                      \
+                                               const BwdScratch<double>&, double*, double*,       \
+                                               double*, double*, double*, double*);               \
   }                                                                                               \
   }                                                                                               \
   }

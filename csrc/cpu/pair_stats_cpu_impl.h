@@ -517,19 +517,26 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
 
 namespace detail {
 
-// backward_range for the wanted gradients: kH, those w.r.t. hT and hP; kP, the critic's.
+// backward_range for the wanted gradients: kH, those w.r.t. hT and hP; kP, the critic's. With
+// t_out != nullptr (forward_backward_range) the pass also computes the statistics: it scores the
+// joint samples with the shuffled ones, writes t_joint and lme to t_out[p], lme_out[p] and uses
+// that lme (the argument lme is not read).
 template <typename T, bool kH, bool kP>
 inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, const T* grad_t,
                            const T* grad_lme, const T* lme, const BwdScratch<T>& s, T* gwa, T* gwb,
-                           T* gbias, T* gv) {
+                           T* gbias, T* gv, T* t_out, T* lme_out) {
+  const bool values = t_out != nullptr;
   const bool shared = g.pstride == 0;
   const int64_t K = g.K, R = g.R, Bp = g.Bp;
   const int64_t nsrc = 1 + R;
   std::vector<const T*> src(nsrc), wts(nsrc);
-  std::vector<T*> gsrc(nsrc), score_dst(R);
+  // score_dst: [0] the joint scores (values only; in dsum, which the unit passes use later), then
+  // the shuffled ones in wm, where they become the sample weights.
+  std::vector<T*> gsrc(nsrc), score_dst(nsrc);
+  score_dst[0] = s.dsum;
   for (int64_t r = 0; r < R; ++r) {
     wts[1 + r] = s.wm + r * Bp;
-    score_dst[r] = s.wm + r * Bp;
+    score_dst[1 + r] = s.wm + r * Bp;
   }
   // Per pair: the three per-unit sum vectors ([3][K] vectors: gate a, gate b, gate) and their
   // lane sums.
@@ -557,10 +564,22 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     wts[0] = g.B == Bp ? nullptr : s.wj;
     if (g.B != Bp)
       for (int64_t n = 0; n < Bp; ++n) s.wj[n] = n < g.B ? gj : T(0);
-    detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data() + 1, score_dst.data(), R, 0, Bp, wa,
-                             wb, bias, v, K);
+    T lme0;
+    if (values) {
+      // The statistics as forward_range forms them, from scores of the whole batch at once.
+      detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data(), score_dst.data(), nsrc, 0, Bp, wa, wb,
+                               bias, v, K);
+      math::LseState<T> st = math::lse_empty<T>();
+      for (int64_t r = 0; r < R; ++r) st = math::lse_merge(st, detail::range_lse(score_dst[1 + r], g.B));
+      lme0 = math::lse_finish_mean(st, static_cast<T>(R * g.B));
+      t_out[p] = cp + detail::range_sum(s.dsum, g.B) / static_cast<T>(g.B);
+      lme_out[p] = cp + lme0;
+    } else {
+      detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data() + 1, score_dst.data() + 1, R, 0, Bp, wa,
+                               wb, bias, v, K);
+      lme0 = lme[p] - cp;
+    }
     const T gl = grad_lme[p] / static_cast<T>(R * g.B);
-    const T lme0 = lme[p] - cp;
     {
       using V = detail::Vec<T>;
       const V lme0v(lme0), glv(gl);
@@ -622,6 +641,19 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
   });
 }
 
+// backward_pairs for the gradients s asks for (at least one).
+template <typename T>
+inline void backward_pairs_wanted(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, const T* grad_t,
+                                  const T* grad_lme, const T* lme, const BwdScratch<T>& s, T* gwa, T* gwb,
+                                  T* gbias, T* gv, T* t_out, T* lme_out) {
+  if (s.need_h && s.need_params)
+    backward_pairs<T, true, true>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv, t_out, lme_out);
+  else if (s.need_h)
+    backward_pairs<T, true, false>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv, t_out, lme_out);
+  else if (s.need_params)
+    backward_pairs<T, false, true>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv, t_out, lme_out);
+}
+
 }  // namespace detail
 
 // Backward for pairs [begin, end), of the gradients s.need_h / s.need_params asks for (at least
@@ -633,12 +665,18 @@ template <typename T>
 MMIM_FLATTEN void backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end, const T* grad_t,
                                  const T* grad_lme, const T* lme, const BwdScratch<T>& s, T* gwa, T* gwb,
                                  T* gbias, T* gv) {
-  if (s.need_h && s.need_params)
-    detail::backward_pairs<T, true, true>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv);
-  else if (s.need_h)
-    detail::backward_pairs<T, true, false>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv);
-  else if (s.need_params)
-    detail::backward_pairs<T, false, true>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv);
+  detail::backward_pairs_wanted<T>(g, begin, end, grad_t, grad_lme, lme, s, gwa, gwb, gbias, gv, nullptr, nullptr);
+}
+
+// Statistics and gradients in one pass, for upstream gradients known before the forward: writes
+// t_joint[p], lme[p] (as forward_range) and the gradients backward_range would compute with that
+// lme, without forward_range's separate pass over the samples and the backward's recompute of the
+// shuffled scores.
+template <typename T>
+MMIM_FLATTEN void forward_backward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t end,
+                                         const T* grad_t, const T* grad_lme, const BwdScratch<T>& s, T* gwa,
+                                         T* gwb, T* gbias, T* gv, T* t_joint, T* lme) {
+  detail::backward_pairs_wanted<T>(g, begin, end, grad_t, grad_lme, nullptr, s, gwa, gwb, gbias, gv, t_joint, lme);
 }
 
 }  // namespace MMIM_CPU_CAPABILITY

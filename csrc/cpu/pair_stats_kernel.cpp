@@ -28,6 +28,9 @@ namespace cpu {
   template <typename T>                                                                            \
   void backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, const T*, \
                       const BwdScratch<T>&, T*, T*, T*, T*);                                       \
+  template <typename T>                                                                            \
+  void forward_backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*,    \
+                              const BwdScratch<T>&, T*, T*, T*, T*, T*, T*);                       \
   }
 MMIM_DECLARE_CAPABILITY(scalar)
 MMIM_DECLARE_CAPABILITY(base)
@@ -100,6 +103,20 @@ void run_backward(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, const T* g
   if (capability() == Capability::kScalar)
     return scalar::backward_range<T>(g, b, e, gt, gl, lme, s, gwa, gwb, gb, gv);
   base::backward_range<T>(g, b, e, gt, gl, lme, s, gwa, gwb, gb, gv);
+}
+
+// lme == nullptr: forward_backward_range, which writes the statistics to tj, lmo.
+template <typename T>
+void run_backward_or_both(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, const T* gt, const T* gl,
+                          const T* lme, const BwdScratch<T>& s, T* gwa, T* gwb, T* gb, T* gv, T* tj, T* lmo) {
+  if (lme != nullptr) return run_backward<T>(g, b, e, gt, gl, lme, s, gwa, gwb, gb, gv);
+#ifdef MMIM_HAVE_AVX2_BUILD
+  if (capability() == Capability::kAvx2)
+    return avx2::forward_backward_range<T>(g, b, e, gt, gl, s, gwa, gwb, gb, gv, tj, lmo);
+#endif
+  if (capability() == Capability::kScalar)
+    return scalar::forward_backward_range<T>(g, b, e, gt, gl, s, gwa, gwb, gb, gv, tj, lmo);
+  base::forward_backward_range<T>(g, b, e, gt, gl, s, gwa, gwb, gb, gv, tj, lmo);
 }
 
 // Data checks that would otherwise read out of bounds: permutation rows and pair indices. Also
@@ -231,20 +248,31 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const
   return {t_joint, lme};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_stats_bwd_cpu(
-    const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h, const at::Tensor& wa,
-    const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v, const at::Tensor& c,
-    const at::Tensor& perms, const c10::optional<at::Tensor>& pairs, const at::Tensor& lme, bool need_h,
-    bool need_params) {
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// pair_stats_bwd (lme given), or with lme == nullptr pair_stats_fwd_bwd's one pass, which also
+// computes the statistics into t_out, lme_out (allocated here, [P]).
+Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
+                   const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v,
+                   const at::Tensor& c, const at::Tensor& perms, const c10::optional<at::Tensor>& pairs,
+                   const at::Tensor* lme, bool need_h, bool need_params, at::Tensor* t_out, at::Tensor* lme_out) {
   const Staged st = stage(h, wa, wb, b, v, c, perms, pairs);
   const PairStatsSizes& s = st.s;
-  for (const at::Tensor* t : {&grad_t, &grad_lme, &lme}) {
+  TORCH_INTERNAL_ASSERT(t_out == nullptr || need_h || need_params, "the one pass needs a gradient to compute");
+  if (t_out != nullptr) {
+    *t_out = at::empty({s.P}, h.options());
+    *lme_out = at::empty({s.P}, h.options());
+  }
+  std::vector<const at::Tensor*> per_pair = {&grad_t, &grad_lme};
+  if (lme != nullptr) per_pair.push_back(lme);
+  for (const at::Tensor* t : per_pair) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == s.P && t->scalar_type() == h.scalar_type() &&
                     t->device() == h.device(),
-                "pair_stats_bwd: gradients and lme must be [P] tensors in h's dtype with P=", s.P,
-                ", got ", t->sizes(), " ", t->scalar_type());
+                op, ": ", lme != nullptr ? "gradients and lme" : "grad_t_joint and grad_lme",
+                " must be [P] tensors in h's dtype with P=", s.P, ", got ", t->sizes(), " ", t->scalar_type());
   }
-  const at::Tensor gt_c = grad_t.contiguous(), gl_c = grad_lme.contiguous(), lme_c = lme.contiguous();
+  const at::Tensor gt_c = grad_t.contiguous(), gl_c = grad_lme.contiguous();
+  const at::Tensor lme_c = lme != nullptr ? lme->contiguous() : at::Tensor();
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t B = s.B, Bp = st.Bp, m = s.m, K = s.K, R = s.R;
 
@@ -273,7 +301,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T* gs_all = gs_threads.data_ptr<T>();
     const T* gtp = gt_c.data_ptr<T>();
     const T* glp = gl_c.data_ptr<T>();
-    const T* lmep = lme_c.data_ptr<T>();
+    const T* lmep = lme != nullptr ? lme_c.data_ptr<T>() : nullptr;
+    T* tjp = t_out != nullptr ? t_out->data_ptr<T>() : nullptr;
+    T* lmop = lme_out != nullptr ? lme_out->data_ptr<T>() : nullptr;
     T* gwap = need_params ? gwa.data_ptr<T>() : nullptr;
     T* gwbp = need_params ? gwb.data_ptr<T>() : nullptr;
     T* gbp = need_params ? gb.data_ptr<T>() : nullptr;
@@ -292,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       sc.gshared = gs_all + tid * 4 * K;
       sc.need_h = need_h;
       sc.need_params = need_params;
-      run_backward<T>(g, begin, end, gtp, glp, lmep, sc, gwap, gwbp, gbp, gvp);
+      run_backward_or_both<T>(g, begin, end, gtp, glp, lmep, sc, gwap, gwbp, gbp, gvp, tjp, lmop);
     });
     // grad_h[n, u] = sum over threads of gh[u][n] + sum over r of gP[r][u][n'] at n = perms[r][n'].
     T* ghp = need_h ? grad_h.data_ptr<T>() : nullptr;
@@ -328,6 +358,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grad_h, gwa, gwb, gb, gv, gc};
 }
 
+Grads pair_stats_bwd_cpu(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
+                         const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v,
+                         const at::Tensor& c, const at::Tensor& perms, const c10::optional<at::Tensor>& pairs,
+                         const at::Tensor& lme, bool need_h, bool need_params) {
+  return backward_cpu("pair_stats_bwd", grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, &lme, need_h,
+                      need_params, nullptr, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+pair_stats_fwd_bwd_cpu(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
+                       const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v,
+                       const at::Tensor& c, const at::Tensor& perms, const c10::optional<at::Tensor>& pairs,
+                       bool need_h, bool need_params) {
+  if (!need_h && !need_params) {
+    // No gradient wanted: the forward alone; backward_cpu checks the upstream gradients and
+    // returns the same empty gradients as pair_stats_bwd.
+    auto [t, l] = pair_stats_fwd_cpu(h, wa, wb, b, v, c, perms, pairs);
+    const Grads g = backward_cpu("pair_stats_fwd_bwd", grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, &l,
+                                 false, false, nullptr, nullptr);
+    return {t, l, std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g), std::get<5>(g)};
+  }
+  at::Tensor t, l;
+  const Grads g = backward_cpu("pair_stats_fwd_bwd", grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, nullptr,
+                               need_h, need_params, &t, &l);
+  return {t, l, std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g), std::get<5>(g)};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace mmim_ext
@@ -335,6 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(mmim_ext, CPU, m) {
   m.impl("pair_stats_fwd", &mmim_ext::cpu::pair_stats_fwd_cpu);
   m.impl("pair_stats_bwd", &mmim_ext::cpu::pair_stats_bwd_cpu);
+  m.impl("pair_stats_fwd_bwd", &mmim_ext::cpu::pair_stats_fwd_bwd_cpu);
 }
 
 // cpu_capability takes no tensor, so it is registered for every dispatch key.

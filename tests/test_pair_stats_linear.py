@@ -1,0 +1,188 @@
+"""pair_stats_linear and its op pair_stats_fwd_bwd: statistics and gradients in one pass.
+
+The one-pass results must equal, up to rounding, what pair_stats followed by autograd gives for
+the same linear loss, for every input that requires a gradient.
+"""
+
+import pytest
+import torch
+
+import mmim_ext
+from mmim_ext import ops as ops_mod
+
+from conftest import DEVICES, make_inputs, requires_fused
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+NAMES = ("h", "wa", "wb", "b", "v", "c")
+
+
+def _coefs(P, dtype, device, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    ct = torch.randn(P, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    cl = torch.randn(P, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return ct, cl
+
+
+def _linear(inputs, ct, cl, wanted=NAMES, backend="auto"):
+    h, wa, wb, b, v, c, perms, pairs = inputs
+    diff = [t.detach().clone().requires_grad_(n in wanted) for n, t in zip(NAMES, (h, wa, wb, b, v, c))]
+    loss, t, l = mmim_ext.pair_stats_linear(*diff, perms, ct, cl, pairs, backend=backend)
+    grads = {}
+    if loss.requires_grad:
+        req = [x for x in diff if x.requires_grad]
+        grads = dict(zip([n for n in NAMES if n in wanted], torch.autograd.grad(loss, req)))
+    return loss.detach(), t, l, grads
+
+
+def _autograd(inputs, ct, cl, wanted=NAMES, backend="fused"):
+    h, wa, wb, b, v, c, perms, pairs = inputs
+    diff = [t.detach().clone().requires_grad_(n in wanted) for n, t in zip(NAMES, (h, wa, wb, b, v, c))]
+    t, l = mmim_ext.pair_stats(*diff, perms, pairs, backend=backend)
+    loss = (ct * t).sum() + (cl * l).sum()
+    req = [x for x in diff if x.requires_grad]
+    grads = dict(zip([n for n in NAMES if n in wanted], torch.autograd.grad(loss, req))) if req else {}
+    return loss.detach(), t.detach(), l.detach(), grads
+
+
+def _assert_same(got, want, dtype):
+    (lg, tg, lmg, gg), (lw, tw, lmw, gw) = got, want
+    for a, b in ((tg, tw), (lmg, lmw)):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    scale = max(1.0, lw.abs().item())
+    torch.testing.assert_close(lg / scale, lw / scale, **TOL[dtype])
+    assert gg.keys() == gw.keys()
+    for name in gw:
+        s = max(1.0, gw[name].abs().max().item())
+        torch.testing.assert_close(gg[name] / s, gw[name] / s, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+
+
+@requires_fused
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("B,m,K,R", [(16, 5, 3, 1), (19, 4, 5, 3), (300, 3, 4, 2)])
+def test_matches_pair_stats_and_autograd(B, m, K, R, shared, dtype, device):
+    # B=19: padding to the lane count; B=300: more than one 256-sample chunk of the forward
+    inputs = make_inputs(B, m, K, R, shared=shared, dtype=dtype, device=device, seed=B + m)
+    ct, cl = _coefs(m * (m - 1) // 2, dtype, device)
+    _assert_same(_linear(inputs, ct, cl), _autograd(inputs, ct, cl), dtype)
+
+
+@requires_fused
+@pytest.mark.parametrize("shared", [True, False])
+def test_explicit_pairs_and_reference_backend(shared):
+    pairs = torch.tensor([[3, 1], [2, 2], [0, 4], [4, 0]])
+    inputs = make_inputs(13, 5, 6, 2, shared=shared, pairs=pairs)
+    ct, cl = _coefs(4, torch.float64, "cpu")
+    fused = _linear(inputs, ct, cl)
+    _assert_same(fused, _autograd(inputs, ct, cl), torch.float64)
+    _assert_same(_linear(inputs, ct, cl, backend="reference"), fused, torch.float64)
+
+
+@requires_fused
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("wanted", [("h",), ("wa", "c"), ("b", "v"), ()])
+def test_only_requested_gradients(shared, wanted):
+    inputs = make_inputs(21, 4, 3, 2, shared=shared, seed=3)
+    ct, cl = _coefs(6, torch.float64, "cpu")
+    got = _linear(inputs, ct, cl, wanted=wanted)
+    assert set(got[3]) == set(wanted)
+    want = _autograd(inputs, ct, cl, wanted=wanted)
+    _assert_same(got, want, torch.float64)
+
+
+@requires_fused
+def test_op_equals_forward_then_backward_ops():
+    for shared in (False, True):
+        h, wa, wb, b, v, c, perms, pairs = make_inputs(37, 5, 4, 2, shared=shared, seed=11)
+        ops = torch.ops.mmim_ext
+        t, l = ops.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+        ct, cl = _coefs(t.shape[0], torch.float64, "cpu")
+        for need in ((True, True), (True, False), (False, True), (False, False)):
+            one = ops.pair_stats_fwd_bwd(ct, cl, h, wa, wb, b, v, c, perms, pairs, *need)
+            two = (t, l) + tuple(ops.pair_stats_bwd(ct, cl, h, wa, wb, b, v, c, perms, pairs, l, *need))
+            assert len(one) == 8
+            for x, y in zip(one, two):
+                assert x.shape == y.shape
+                torch.testing.assert_close(x, y, **TOL[torch.float64])
+
+
+@requires_fused
+@pytest.mark.parametrize("shared", [True, False])
+def test_gradcheck(shared):
+    h, wa, wb, b, v, c, perms, _ = make_inputs(5, 3, 2, 2, shared=shared, requires_grad=True, seed=2)
+    ct, cl = (x.requires_grad_(True) for x in _coefs(3, torch.float64, "cpu"))
+
+    def f(h, wa, wb, b, v, c, ct, cl):
+        return mmim_ext.pair_stats_linear(h, wa, wb, b, v, c, perms, ct, cl, backend="fused")[0]
+
+    assert torch.autograd.gradcheck(f, (h, wa, wb, b, v, c, ct, cl), eps=1e-6, atol=1e-7)
+
+
+@requires_fused
+def test_upstream_gradient_scales_and_double_backward_raises():
+    inputs = make_inputs(12, 4, 3, 1, shared=False, seed=5)
+    ct, cl = _coefs(6, torch.float64, "cpu")
+    h = inputs[0].clone().requires_grad_(True)
+    loss, _, _ = mmim_ext.pair_stats_linear(h, *inputs[1:7], ct, cl)
+    (g1,) = torch.autograd.grad(loss, h, retain_graph=True)
+    (g3,) = torch.autograd.grad(3.0 * loss, h, retain_graph=True)
+    torch.testing.assert_close(g3, 3.0 * g1)
+    (g,) = torch.autograd.grad(loss, h, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), h)
+
+
+@requires_fused
+def test_many_permutation_rows_fall_back_to_grouped_calls(monkeypatch):
+    inputs = make_inputs(10, 4, 3, 6, shared=False, seed=8)
+    ct, cl = _coefs(6, torch.float64, "cpu")
+    whole = _linear(inputs, ct, cl)
+    # a budget of two permutation rows per call: pair_stats's grouped path, then autograd
+    monkeypatch.setattr(ops_mod, "FUSED_SCRATCH_BYTES", 3 * (torch.get_num_threads() + 1) * 4 * 10 * 8)
+    _assert_same(_linear(inputs, ct, cl), whole, torch.float64)
+
+
+@requires_fused
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    h, wa, wb, b, v, c, perms, _ = make_inputs(6, 4, 3, 2, shared=False, device=device)
+    ct, cl = _coefs(6, torch.float64, device)
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(
+            torch.ops.mmim_ext.pair_stats_fwd_bwd.default,
+            (ct, cl, h, wa, wb, b, v, c, perms, None, *need),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+        )
+
+
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (lambda ct, cl: (ct[:-1], cl), ValueError, "'coef_t' must have shape"),
+        (lambda ct, cl: (ct, cl.float()), TypeError, "'coef_lme' must have h's dtype"),
+        (lambda ct, cl: (ct.tolist(), cl), TypeError, "'coef_t' must be a torch.Tensor"),
+    ],
+)
+def test_bad_coefficients_raise(bad, exc, match):
+    h, wa, wb, b, v, c, perms, _ = make_inputs(8, 4, 3, 1, shared=False)
+    ct, cl = bad(*_coefs(6, torch.float64, "cpu"))
+    with pytest.raises(exc, match=match):
+        mmim_ext.pair_stats_linear(h, wa, wb, b, v, c, perms, ct, cl)
+
+
+@requires_fused
+def test_second_backward_through_the_same_graph_recomputes():
+    # The first backward hands the forward's buffers to autograd (scaled in place); a second one
+    # (retain_graph) must compute them again and give the same gradients.
+    inputs = make_inputs(14, 4, 3, 2, shared=False, seed=12)
+    ct, cl = _coefs(6, torch.float64, "cpu")
+    diff = [t.detach().clone().requires_grad_(True) for t in inputs[:6]]
+    loss, _, _ = mmim_ext.pair_stats_linear(*diff, *inputs[6:7], ct, cl)
+    first = torch.autograd.grad(2.0 * loss, diff, retain_graph=True)
+    second = torch.autograd.grad(2.0 * loss, diff)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    want = _autograd(inputs, ct, cl)[3]
+    for name, g in zip(NAMES, first):
+        torch.testing.assert_close(g, 2.0 * want[name], **TOL[torch.float64])
