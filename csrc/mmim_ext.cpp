@@ -34,7 +34,7 @@ TORCH_LIBRARY(mmim_ext, m) {
   // Statistics and gradients in one call, for upstream gradients known before the forward (a loss
   // that is a fixed linear combination of t_joint and lme): returns (t_joint, lme) and what
   // pair_stats_bwd would return for them. The CPU kernel does it in one pass over the samples
-  // (no separate forward, no recompute of the shuffled scores); other devices run the two ops.
+  // (no separate forward, no recompute of the shuffled scores); CUDA runs the two ops.
   m.def(
       "pair_stats_fwd_bwd(Tensor grad_t_joint, Tensor grad_lme, Tensor h, Tensor wa, Tensor wb, "
       "Tensor b, Tensor v, Tensor c, Tensor perms, Tensor? pairs, bool need_h=True, "
@@ -49,10 +49,12 @@ TORCH_LIBRARY(mmim_ext, m) {
 
 namespace {
 
-// pair_stats_fwd_bwd wherever no device kernel is registered (CUDA): the forward op, then the
-// backward op with its lme. The CPU registers its one-pass kernel (csrc/cpu/).
+// pair_stats_fwd_bwd on CUDA: the forward op, then the backward op with its lme (their CUDA
+// kernels, through the dispatcher). The CPU registers its one-pass kernel (csrc/cpu/). Registered
+// here rather than in csrc/cuda/ because it needs no CUDA code; a build without CUDA registers it
+// too, where it is never reached (no CUDA tensors).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-pair_stats_fwd_bwd_composite(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
+pair_stats_fwd_bwd_two_ops(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
                              const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v,
                              const at::Tensor& c, const at::Tensor& perms, const c10::optional<at::Tensor>& pairs,
                              bool need_h, bool need_params) {
@@ -75,6 +77,6 @@ pair_stats_fwd_bwd_composite(const at::Tensor& grad_t, const at::Tensor& grad_lm
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmim_ext, CompositeExplicitAutograd, m) {
-  m.impl("pair_stats_fwd_bwd", &pair_stats_fwd_bwd_composite);
+TORCH_LIBRARY_IMPL(mmim_ext, CUDA, m) {
+  m.impl("pair_stats_fwd_bwd", &pair_stats_fwd_bwd_two_ops);
 }
