@@ -211,9 +211,10 @@ def pair_stats_linear(h, wa, wb, b, v, c, perms, coef_t, coef_lme, pairs=None, *
                 f"pair_stats_linear: argument '{name}' must have h's dtype {h.dtype} and device {h.device}, "
                 f"got {t.dtype} on {t.device}"
             )
-    use_fused = backend == "fused" or (backend == "auto" and fused_available(h.device))
+    # The one pass: the CPU kernel, unless R needs pair_stats's grouped calls. Everything else
+    # (including backend="fused" without a kernel, which pair_stats reports) goes through pair_stats.
     one_pass = (
-        use_fused
+        backend != "reference"
         and h.device.type == "cpu"
         and fused_available("cpu")
         and _rows_per_call(h.shape[0], h.shape[1], perms.shape[0], h.element_size()) >= perms.shape[0]
@@ -248,7 +249,7 @@ class _PairStatsLinear(torch.autograd.Function):
             grads = None
         loss = (coef_t * t_joint).sum() + (coef_lme * lme).sum()
         ctx.mark_non_differentiable(t_joint, lme)
-        ctx.need = (need_h,) + (need_params,) * 5
+        ctx.need_h, ctx.need_params = need_h, need_params
         ctx.grads = grads
         ctx.save_for_backward(h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, t_joint, lme)
         return loss, t_joint, lme
@@ -257,7 +258,7 @@ class _PairStatsLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_t, _grad_lme):
         h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, t_joint, lme = ctx.saved_tensors
-        need_h, need_params = ctx.need[0], ctx.need[1]
+        need_h, need_params = ctx.need_h, ctx.need_params
         out = [None] * 6
         if need_h or need_params:
             grads, ctx.grads = ctx.grads, None
@@ -266,7 +267,8 @@ class _PairStatsLinear(torch.autograd.Function):
                     coef_t, coef_lme, h, wa, wb, b, v, c, perms, pairs, need_h, need_params
                 )
             unit = bool(grad_loss == 1)
-            out = [(g if unit else g.mul_(grad_loss)) if need else None for g, need in zip(grads, ctx.need)]
+            wanted = (need_h,) + (need_params,) * 5
+            out = [(g if unit else g.mul_(grad_loss)) if need else None for g, need in zip(grads, wanted)]
             del grads
         gct = t_joint * grad_loss if ctx.needs_input_grad[8] else None
         gcl = lme * grad_loss if ctx.needs_input_grad[9] else None

@@ -138,9 +138,31 @@ def test_many_permutation_rows_fall_back_to_grouped_calls(monkeypatch):
     inputs = make_inputs(10, 4, 3, 6, shared=False, seed=8)
     ct, cl = _coefs(6, torch.float64, "cpu")
     whole = _linear(inputs, ct, cl)
-    # a budget of two permutation rows per call: pair_stats's grouped path, then autograd
+    # a budget of two permutation rows per call: pair_stats's grouped path, then autograd (the
+    # one pass, which has no grouping, must not run)
     monkeypatch.setattr(ops_mod, "FUSED_SCRATCH_BYTES", 3 * (torch.get_num_threads() + 1) * 4 * 10 * 8)
+
+    def one_pass_called(*args):
+        raise AssertionError("the one pass ran for an R that needs grouped calls")
+
+    monkeypatch.setattr(ops_mod._PairStatsLinear, "apply", one_pass_called)
     _assert_same(_linear(inputs, ct, cl), whole, torch.float64)
+
+
+@requires_fused
+def test_cpu_fused_runs_the_one_pass(monkeypatch):
+    # The point of pair_stats_linear: on the CPU with the kernel it must take the one pass, not
+    # pair_stats + autograd (whose results are the same, so the parity tests cannot tell).
+    calls = []
+    real = ops_mod._PairStatsLinear.apply
+    monkeypatch.setattr(ops_mod._PairStatsLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    inputs = make_inputs(12, 4, 3, 1, shared=False, seed=13)
+    ct, cl = _coefs(6, torch.float64, "cpu")
+    _linear(inputs, ct, cl)
+    _linear(inputs, ct, cl, backend="fused")
+    assert len(calls) == 2
+    _linear(inputs, ct, cl, backend="reference")
+    assert len(calls) == 2
 
 
 @requires_fused
