@@ -222,6 +222,28 @@ int main(int argc, char** argv) {
       impl_b::backward_range<float>(g, 0, N, gt.data(), gl.data(), side[0].lme.data(), sc[out], g0, g1, g2, g3);
   };
 
+  // The one pass (forward_backward_range; both versions must have it): statistics and
+  // gradients from the upstream gradients alone.
+  auto fwd_bwd = [&](int which, int out) {
+    Side& s = side[out];
+    float* gp = s.gpair.empty() ? nullptr : s.gpair.data();
+    float *g0 = gp, *g1 = gp ? gp + N * K : nullptr, *g2 = gp ? gp + 2 * N * K : nullptr,
+          *g3 = gp ? gp + 3 * N * K : nullptr;
+    if (which == 0)
+      impl_a::forward_backward_range<float>(g, 0, N, gt.data(), gl.data(), sc[out], g0, g1, g2, g3, s.tj.data(),
+                                            s.lme.data());
+    else
+      impl_b::forward_backward_range<float>(g, 0, N, gt.data(), gl.data(), sc[out], g0, g1, g2, g3, s.tj.data(),
+                                            s.lme.data());
+  };
+  auto zero_grads = [&]() {
+    for (Side& s : side) {
+      std::fill(s.gbuf.begin(), s.gbuf.end(), 0.0f);
+      std::fill(s.gpair.begin(), s.gpair.end(), 0.0f);
+      std::fill(s.gshared.begin(), s.gshared.end(), 0.0f);
+    }
+  };
+
   // Agreement (once, from zeroed buffers): the largest absolute difference of each output. A
   // change that keeps the arithmetic gives 0; one that reorders sums gives rounding-level values.
   fwd(0, 0);
@@ -231,21 +253,31 @@ int main(int argc, char** argv) {
   const double d_fwd = std::max(max_abs_diff(side[0].tj, side[1].tj), max_abs_diff(side[0].lme, side[1].lme));
   const double d_h = max_abs_diff(side[0].gbuf, side[1].gbuf);
   const double d_p = std::max(max_abs_diff(side[0].gpair, side[1].gpair), max_abs_diff(side[0].gshared, side[1].gshared));
+  zero_grads();
+  fwd_bwd(0, 0);
+  fwd_bwd(1, 1);
+  const double d1_fwd = std::max(max_abs_diff(side[0].tj, side[1].tj), max_abs_diff(side[0].lme, side[1].lme));
+  const double d1_h = max_abs_diff(side[0].gbuf, side[1].gbuf);
+  const double d1_p = std::max(max_abs_diff(side[0].gpair, side[1].gpair), max_abs_diff(side[0].gshared, side[1].gshared));
   std::printf("kernel_ab: m=%lld B=%lld K=%lld R=%lld pairs=%lld (of %lld) %s need_h=%d need_params=%d trials=%lld\n",
               (long long)m, (long long)B, (long long)K, (long long)R, (long long)N, (long long)P,
               o.shared ? "shared" : "per-pair", o.need_h, o.need_params, (long long)o.trials);
   std::printf("max |A - B|: forward %.3g, h-gradient buffers %.3g, critic gradients %.3g\n", d_fwd, d_h, d_p);
+  std::printf("max |A - B| one pass: statistics %.3g, h-gradient buffers %.3g, critic gradients %.3g\n", d1_fwd,
+              d1_h, d1_p);
 
   // Timing: ns per pair; each trial runs A and B back to back, alternating which goes first.
-  const char* names[2] = {"forward", "backward"};
-  std::vector<double> t[2][2];
+  constexpr int kDirs = 3;
+  const char* names[kDirs] = {"forward", "backward", "fwd_bwd"};
+  std::vector<double> t[kDirs][2];
   for (int64_t tr = 0; tr < o.trials; ++tr) {
-    for (int dir = 0; dir < 2; ++dir) {
+    for (int dir = 0; dir < kDirs; ++dir) {
       for (int q = 0; q < 2; ++q) {
         const int which = (tr % 2 == 0) ? q : 1 - q;
         const auto t0 = std::chrono::steady_clock::now();
         if (dir == 0) fwd(which, 0);
-        else bwd(which, 0);
+        else if (dir == 1) bwd(which, 0);
+        else fwd_bwd(which, 0);
         const auto t1 = std::chrono::steady_clock::now();
         t[dir][which].push_back(std::chrono::duration<double, std::nano>(t1 - t0).count() / static_cast<double>(N));
       }
@@ -253,7 +285,7 @@ int main(int argc, char** argv) {
   }
   std::printf("%-9s %10s %10s %10s %10s   %s\n", "", "A min", "A median", "B min", "B median",
               "B/A per trial: median [25%, 75%]");
-  for (int dir = 0; dir < 2; ++dir) {
+  for (int dir = 0; dir < kDirs; ++dir) {
     std::vector<double> ratio;
     for (size_t i = 0; i < t[dir][0].size(); ++i) ratio.push_back(t[dir][1][i] / t[dir][0][i]);
     std::printf("%-9s %10.1f %10.1f %10.1f %10.1f   %.3f [%.3f, %.3f]   (ns per pair)\n", names[dir],
@@ -267,9 +299,11 @@ int main(int argc, char** argv) {
                  (long long)m, (long long)B, (long long)K, (long long)R, (long long)N, o.shared ? "true" : "false");
     std::fprintf(f, "\"need_h\": %s, \"need_params\": %s, ", o.need_h ? "true" : "false",
                  o.need_params ? "true" : "false");
-    std::fprintf(f, "\"max_abs_diff\": {\"forward\": %.9g, \"h\": %.9g, \"params\": %.9g}, \"ns_per_pair\": {",
-                 d_fwd, d_h, d_p);
-    for (int dir = 0; dir < 2; ++dir) {
+    std::fprintf(f, "\"max_abs_diff\": {\"forward\": %.9g, \"h\": %.9g, \"params\": %.9g}, ", d_fwd, d_h, d_p);
+    std::fprintf(f, "\"max_abs_diff_fwd_bwd\": {\"statistics\": %.9g, \"h\": %.9g, \"params\": %.9g}, ", d1_fwd,
+                 d1_h, d1_p);
+    std::fprintf(f, "\"ns_per_pair\": {");
+    for (int dir = 0; dir < kDirs; ++dir) {
       std::fprintf(f, "%s\"%s\": {", dir ? ", " : "", names[dir]);
       for (int w = 0; w < 2; ++w) {
         std::fprintf(f, "%s\"%s\": [", w ? ", " : "", w ? "B" : "A");
