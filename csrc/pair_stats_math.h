@@ -192,6 +192,15 @@ MMIM_HD T marginal_weight(T t, T lme, T grad_over_count) {
   return grad_over_count * exp_lse(t - lme);
 }
 
+// The same weight from exp(T_n - max_r), at hand when the log-sum-exp pass over source r's
+// samples (maximum max_r) kept its exponentials: marginal_weight(T_n, lme, g) =
+// exp(T_n - max_r) * marginal_weight_scale(max_r, lme, g), one exp per source instead of one per
+// sample.
+template <typename T>
+MMIM_HD T marginal_weight_scale(T max_r, T lme, T grad_over_count) {
+  return grad_over_count * exp_lse(max_r - lme);
+}
+
 // ---- pair enumeration ----------------------------------------------------------------------
 
 // Index of the first pair (i, i+1) of row i among all pairs i < j of m units, row-major.

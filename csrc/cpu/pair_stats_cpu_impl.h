@@ -375,6 +375,34 @@ inline math::LseState<T> range_lse(const T* x, int64_t n) {
   return math::LseState<T>{mx, sum};
 }
 
+// range_lse that also leaves exp(x[t] - max) in x[t] (t < n), for weights formed from them.
+template <typename T>
+inline math::LseState<T> range_lse_keep(T* x, int64_t n) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  T mx = x[0];
+  int64_t t = 0;
+  if (n >= L) {
+    V vm = V::load(x);
+    for (t = L; t + L <= n; t += L) vm = vmax(vm, V::load(x + t));
+    mx = vm.max_lane();
+  }
+  for (; t < n; ++t) mx = x[t] > mx ? x[t] : mx;
+  const V vmx(mx);
+  V acc = V::zero();
+  for (t = 0; t + L <= n; t += L) {
+    const V e = exp_lse(V::load(x + t) - vmx);
+    e.store(x + t);
+    acc += e;
+  }
+  T sum = acc.sum();
+  for (; t < n; ++t) {
+    x[t] = math::exp_lse(x[t] - mx);
+    sum += x[t];
+  }
+  return math::LseState<T>{mx, sum};
+}
+
 // Backward of hidden unit k over all samples of `nsrc` sources sharing the first argument a.
 // Source s has second argument b[s] and per-sample weights w[s] (the upstream gradient of its
 // score); its argument gradient goes to gb[s]. Per sample and source the unit's gate is
@@ -543,6 +571,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
   constexpr int L = detail::Vec<T>::L;
   std::vector<T> accv(static_cast<size_t>(3 * K * L));
   std::vector<T> sums(static_cast<size_t>(3 * K));
+  std::vector<T> wmax(values ? R : 0);  // the one pass: each source's largest shuffled score
   FirstLayerCache<T> first_layer(g);
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
@@ -564,29 +593,39 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     wts[0] = g.B == Bp ? nullptr : s.wj;
     if (g.B != Bp)
       for (int64_t n = 0; n < Bp; ++n) s.wj[n] = n < g.B ? gj : T(0);
-    T lme0;
-    if (values) {
-      // The statistics as forward_range forms them, from scores of the whole batch at once.
-      detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data(), score_dst.data(), nsrc, 0, Bp, wa, wb,
-                               bias, v, K);
-      math::LseState<T> st = math::lse_empty<T>();
-      for (int64_t r = 0; r < R; ++r) st = math::lse_merge(st, detail::range_lse(score_dst[1 + r], g.B));
-      lme0 = math::lse_finish_mean(st, static_cast<T>(R * g.B));
-      t_out[p] = cp + detail::range_sum(s.dsum, g.B) / static_cast<T>(g.B);
-      lme_out[p] = cp + lme0;
-    } else {
-      detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data() + 1, score_dst.data() + 1, R, 0, Bp, wa,
-                               wb, bias, v, K);
-      lme0 = lme[p] - cp;
-    }
     const T gl = grad_lme[p] / static_cast<T>(R * g.B);
     {
       using V = detail::Vec<T>;
-      const V lme0v(lme0), glv(gl);
-      for (int64_t r = 0; r < R; ++r) {
-        T* w = s.wm + r * Bp;
-        for (int64_t n = 0; n < Bp; n += V::L) math::marginal_weight(V::load(w + n), lme0v, glv).store(w + n);
-        for (int64_t n = g.B; n < Bp; ++n) w[n] = T(0);
+      if (values) {
+        // The statistics as forward_range forms them, from scores of the whole batch at once. The
+        // log-sum-exp keeps each shuffled sample's exp(T - max_r), so that its weight is one
+        // multiply away (math::marginal_weight_scale) instead of a second exp.
+        detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data(), score_dst.data(), nsrc, 0, Bp, wa, wb,
+                                 bias, v, K);
+        math::LseState<T> st = math::lse_empty<T>();
+        for (int64_t r = 0; r < R; ++r) {
+          const math::LseState<T> sr = detail::range_lse_keep(score_dst[1 + r], g.B);
+          wmax[r] = sr.max;
+          st = math::lse_merge(st, sr);
+        }
+        const T lme0 = math::lse_finish_mean(st, static_cast<T>(R * g.B));
+        t_out[p] = cp + detail::range_sum(s.dsum, g.B) / static_cast<T>(g.B);
+        lme_out[p] = cp + lme0;
+        for (int64_t r = 0; r < R; ++r) {
+          T* w = s.wm + r * Bp;
+          const V scale(math::marginal_weight_scale(wmax[r], lme0, gl));
+          for (int64_t n = 0; n < Bp; n += V::L) (V::load(w + n) * scale).store(w + n);
+          for (int64_t n = g.B; n < Bp; ++n) w[n] = T(0);
+        }
+      } else {
+        detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data() + 1, score_dst.data() + 1, R, 0, Bp, wa,
+                                 wb, bias, v, K);
+        const V lme0v(lme[p] - cp), glv(gl);
+        for (int64_t r = 0; r < R; ++r) {
+          T* w = s.wm + r * Bp;
+          for (int64_t n = 0; n < Bp; n += V::L) math::marginal_weight(V::load(w + n), lme0v, glv).store(w + n);
+          for (int64_t n = g.B; n < Bp; ++n) w[n] = T(0);
+        }
       }
     }
 
