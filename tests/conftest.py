@@ -31,3 +31,31 @@ def make_inputs(B, m, K, R, *, shared, dtype=torch.float64, device="cpu", pairs=
         for t in out:
             t.requires_grad_(True)
     return (*out, perms.to(device), None if pairs is None else pairs.to(device))
+
+
+def with_edge_gate_units(inputs):
+    """`inputs` (make_inputs, K >= 8) with critic units 0-5 set to the cases the kernels' gate by
+    threshold (math::gate_threshold: [b > t] for wb > 0, [b < t] for wb < 0, t = -(wa a + bias)/wb)
+    must hand back to the gate from x = wa a + wb b + bias: wb zero and +-subnormal, -wa/wb and
+    -bias/wb overflowing; and a tiny normal wb whose threshold is huge but finite. Units 6, 7 keep
+    their random weights (one of them given a negative wb)."""
+    h, wa, wb, b, v, c, perms, pairs = inputs
+    assert wa.shape[-1] >= 8, "with_edge_gate_units needs K >= 8"
+    f32 = wa.dtype == torch.float32
+    sub, tiny_normal, small = (1e-40, 1e-38, 1e-20) if f32 else (1e-310, 1e-307, 1e-200)
+    big = 10.0 if f32 else 100.0  # big / tiny_normal overflows
+    wa, wb, b = wa.clone(), wb.clone(), b.clone()
+    cols = {  # unit: (wa, wb, bias); None keeps the random value
+        0: (None, 0.0, None),
+        1: (None, sub, None),
+        2: (None, -sub, None),
+        3: (big, tiny_normal, None),
+        4: (None, -tiny_normal, big),
+        5: (None, small, None),
+    }
+    for k, vals in cols.items():
+        for t, x in zip((wa, wb, b), vals):
+            if x is not None:
+                t[..., k] = x
+    wb[..., 7] = -wb[..., 7].abs()
+    return h, wa, wb, b, v, c, perms, pairs

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import mmim_ext
 from mmim_ext.reference import all_pairs, pair_stats_reference
 
-from conftest import DEVICES, make_inputs, requires_fused
+from conftest import DEVICES, make_inputs, requires_fused, with_edge_gate_units
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 GRADS = ("h", "wa", "wb", "b", "v", "c")
@@ -184,6 +184,15 @@ def test_many_permutation_rows_are_grouped_exactly(monkeypatch, budget_rows):
     assert ops._rows_per_call(B, m, 7, 8) == budget_rows
     inputs = make_inputs(B, m, 4, 7, shared=False, seed=21)
     _assert_parity(inputs, torch.float64)
+
+
+@requires_fused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared", [True, False])
+def test_gate_threshold_edge_weights(shared, dtype):
+    # the backward's gate by threshold must fall back to the gate from x where it is unsafe
+    inputs = with_edge_gate_units(make_inputs(21, 5, 8, 2, shared=shared, dtype=dtype, seed=11))
+    _assert_parity(inputs, dtype)
 
 
 @requires_fused

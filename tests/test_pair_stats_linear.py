@@ -10,7 +10,7 @@ import torch
 import mmim_ext
 from mmim_ext import ops as ops_mod
 
-from conftest import DEVICES, make_inputs, requires_fused
+from conftest import DEVICES, make_inputs, requires_fused, with_edge_gate_units
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 NAMES = ("h", "wa", "wb", "b", "v", "c")
@@ -66,6 +66,17 @@ def test_matches_pair_stats_and_autograd(B, m, K, R, shared, dtype, device):
     inputs = make_inputs(B, m, K, R, shared=shared, dtype=dtype, device=device, seed=B + m)
     ct, cl = _coefs(m * (m - 1) // 2, dtype, device)
     _assert_same(_linear(inputs, ct, cl), _autograd(inputs, ct, cl), dtype)
+
+
+@requires_fused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("R", [1, 2])
+def test_gate_threshold_edge_weights(R, shared, dtype):
+    # the one pass's gate by threshold must fall back to the gate from x where it is unsafe
+    inputs = with_edge_gate_units(make_inputs(21, 5, 8, R, shared=shared, dtype=dtype, seed=12))
+    ct, cl = _coefs(10, dtype, "cpu")
+    _assert_same(_linear(inputs, ct, cl), _autograd(inputs, ct, cl, backend="reference"), dtype)
 
 
 @requires_fused

@@ -137,6 +137,10 @@ struct Vec {
     if constexpr (kScalar) return from_raw(math::where_positive(a.x, y.x));
     else return from_raw(a.x > raw{} ? y.x : raw{});
   }
+  friend Vec where_greater(Vec a, Vec b, Vec y) {
+    if constexpr (kScalar) return from_raw(math::where_greater(a.x, b.x, y.x));
+    else return from_raw(a.x > b.x ? y.x : raw{});
+  }
 };
 
 // Lane sums of n vectors stored one after the other at x (L values each; no alignment needed):
@@ -415,12 +419,23 @@ struct UnitGrad {
   Vec<T> ga, gb, g1;  // sums of gate*a, gate*b, gate
 };
 
+// How unit_pass forms its gates (see there), and whether this build's loops for T may use the
+// threshold forms.
+constexpr int kGateX = 0, kGateAbove = 1, kGateBelow = 2;
+#ifdef MMIM_VEC_AVX2
+template <typename T>
+constexpr bool kThresholdGates = sizeof(T) == 4;
+#else
+template <typename T>
+constexpr bool kThresholdGates = false;
+#endif
+
 // One pass of unit_backward over the samples for one or two sources (kTwo); kFirst / kLast:
 // whether earlier / later passes exist that read or write dsum; kW0: the first source's weights
 // are the single value w0c (the joint samples when the batch has no padding), not the array w0;
 // kH / kP: whether the argument gradients (g0, g1, ga) / the sums for the critic's gradients
 // (acc) are wanted. Compile-time flags keep the sample loop free of branches.
-template <typename T, bool kH, bool kP, bool kTwo, bool kFirst, bool kLast, bool kW0>
+template <typename T, bool kH, bool kP, bool kTwo, bool kFirst, bool kLast, bool kW0, int kGate>
 inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0, const T* __restrict b1,
                       const T* __restrict w0, const T* __restrict w1, T* __restrict g0, T* __restrict g1,
                       T* __restrict ga, T* __restrict dsum, const Vec<T>& w0c, const Vec<T>& wak,
@@ -428,23 +443,31 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
                       UnitGrad<T>& acc) {
   using V = Vec<T>;
   constexpr int L = V::L;
+  // The gate of sample n: kGate == kGateX, [x > 0] from x = wb b + u; else b compared with the
+  // threshold t = wak a + bk, where wak, bk hold the math::GateThreshold's ta, tb (kGateAbove:
+  // [b > t], kGateBelow: [b < t]), one FMA per sample instead of one per sample and source.
+  const auto gate = [&](const V& t, const V& bn, const V& w) {
+    if constexpr (kGate == kGateX) return math::critic_unit_gate(math::critic_x(wbk, bn, t), w);
+    else if constexpr (kGate == kGateAbove) return where_greater(bn, t, w);
+    else return where_greater(t, bn, w);
+  };
   // One accumulator per source for gate*b: a chain with two FMAs per iteration would bound the
   // loop by the FMA latency.
   V acc_b0 = V::zero(), acc_b1 = V::zero(), acc_a = V::zero(), acc_1 = V::zero();
   for (int64_t n = 0; n < Bp; n += L) {
     const V an = V::load_reg(a + n);
-    const V u = math::critic_u(wak, an, bk);
+    const V u = math::critic_u(wak, an, bk);  // u, or the threshold t
     const V bn0 = V::load_reg(b0 + n);
     V w0n;
     if constexpr (kW0) w0n = w0c;
     else w0n = V::load(w0 + n);
-    const V d0 = math::critic_unit_gate(math::critic_x(wbk, bn0, u), w0n);
+    const V d0 = gate(u, bn0, w0n);
     if constexpr (kP) acc_b0 += d0 * bn0;
     if constexpr (kH) (V::load(g0 + n) + d0 * cwb).store(g0 + n);
     V D = d0;
     if constexpr (kTwo) {
       const V bn1 = V::load_reg(b1 + n);
-      const V d1 = math::critic_unit_gate(math::critic_x(wbk, bn1, u), V::load(w1 + n));
+      const V d1 = gate(u, bn1, V::load(w1 + n));
       if constexpr (kP) acc_b1 += d1 * bn1;
       if constexpr (kH) (V::load(g1 + n) + d1 * cwb).store(g1 + n);
       D += d1;
@@ -472,7 +495,13 @@ inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* co
                           int64_t nsrc, T wak_s, T wbk_s, T bk_s, T vk_s, T* ga, T* dsum,
                           UnitGrad<T>& acc) {
   using V = Vec<T>;
-  const V wak(wak_s), wbk(wbk_s), bk(bk_s), w0c(w0);
+  // The gates by threshold when the unit allows it (math::gate_threshold), else from x. Only the
+  // AVX2 build's float loops, the ones that run for speed, take the threshold (three versions of
+  // every pass for each instruction set and type would triple the build's compile time).
+  const math::GateThreshold<T> th = kThresholdGates<T> ? math::gate_threshold(wak_s, wbk_s, bk_s)
+                                                         : math::GateThreshold<T>{T(0), T(0), 0};
+  const int mode = th.sign > 0 ? kGateAbove : th.sign < 0 ? kGateBelow : kGateX;
+  const V wak(mode == kGateX ? wak_s : th.ta), wbk(wbk_s), bk(mode == kGateX ? bk_s : th.tb), w0c(w0);
   const bool w0_const = w[0] == nullptr;
   // d x / d a = wa and d x / d b = wb, times d T / d x = v gate (critic_unit_dx is linear in the
   // gate, so it is applied to the parameters once).
@@ -483,9 +512,19 @@ inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* co
     const T* b1 = two ? b[s + 1] : b[s];
     const T* w1 = two ? w[s + 1] : w[s];
     T* g1 = two ? gb[s + 1] : gb[s];
-#define MMIM_UNIT_PASS(TWO, FIRST, LAST, W0)                                                        \
-  unit_pass<T, kH, kP, TWO, FIRST, LAST, W0>(Bp, a, b[s], b1, w[s], w1, gb[s], g1, ga, dsum, w0c, wak, wbk, \
-                                             bk, cwa, cwb, acc)
+#define MMIM_UNIT_PASS_G(TWO, FIRST, LAST, W0, G)                                                      \
+  unit_pass<T, kH, kP, TWO, FIRST, LAST, W0, G>(Bp, a, b[s], b1, w[s], w1, gb[s], g1, ga, dsum, w0c, wak, wbk, \
+                                                bk, cwa, cwb, acc)
+#define MMIM_UNIT_PASS(TWO, FIRST, LAST, W0)                                        \
+  do {                                                                              \
+    if constexpr (kThresholdGates<T>) {                                             \
+      if (mode == kGateAbove) MMIM_UNIT_PASS_G(TWO, FIRST, LAST, W0, kGateAbove);   \
+      else if (mode == kGateBelow) MMIM_UNIT_PASS_G(TWO, FIRST, LAST, W0, kGateBelow); \
+      else MMIM_UNIT_PASS_G(TWO, FIRST, LAST, W0, kGateX);                          \
+    } else {                                                                        \
+      MMIM_UNIT_PASS_G(TWO, FIRST, LAST, W0, kGateX);                               \
+    }                                                                               \
+  } while (0)
 #define MMIM_UNIT_PASS_FIRST(TWO, LAST)                \
   if (w0_const) MMIM_UNIT_PASS(TWO, true, LAST, true); \
   else MMIM_UNIT_PASS(TWO, true, LAST, false)
@@ -502,6 +541,7 @@ inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* co
     }
 #undef MMIM_UNIT_PASS_FIRST
 #undef MMIM_UNIT_PASS
+#undef MMIM_UNIT_PASS_G
   }
 }
 
