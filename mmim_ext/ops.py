@@ -20,8 +20,9 @@ from mmim_ext.reference import pair_stats_reference
 __all__ = ["pair_stats", "pair_stats_linear", "fused_available", "num_pairs"]
 
 #: Scratch budget of one fused call, in bytes. The CPU kernel stages the R shuffled copies of h
-#: and, in the backward, per-thread gradient buffers of that size; when R is so large that they
-#: would exceed this budget, the permutation rows are processed in groups and the groups'
+#: and, in the backward, gradient buffers of that size for each part of the pairs (one per
+#: thread, and up to four per thread while all of them fit in 32 MB); when R is so large that
+#: they would exceed this budget, the permutation rows are processed in groups and the groups'
 #: log-mean-exps combined (exactly, by a log-sum-exp weighted by group size).
 FUSED_SCRATCH_BYTES = 256 * 2**20
 
@@ -279,7 +280,7 @@ class _PairStatsLinear(torch.autograd.Function):
 def _rows_per_call(B: int, m: int, R: int, itemsize: int) -> int:
     """Permutation rows per fused call so that its scratch stays within FUSED_SCRATCH_BYTES."""
     threads = max(1, torch.get_num_threads())
-    per_row = (threads + 1) * m * B * itemsize  # staged copy + per-thread gradient buffers
+    per_row = (threads + 1) * m * B * itemsize  # staged copy + a gradient buffer per thread (parts beyond: 32 MB)
     return max(1, min(R, FUSED_SCRATCH_BYTES // max(1, per_row) - 1))
 
 

@@ -8,6 +8,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -228,6 +230,36 @@ int64_t grain(const PairStatsSizes& s) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / work);
 }
 
+// Runs f(q, begin, end) for the `parts` consecutive, equal ranges q of [0, n) on the intra-op
+// threads, each thread taking the next part not yet taken. A static split (at::parallel_for's)
+// makes every thread wait for the slowest, and on a shared machine one core is often slowed for
+// a while by other load; here the other threads take more of the parts. The parts depend on n
+// and `parts` only, and state that outlives a call of f is kept per part (never per thread), so
+// the results do not depend on which thread ran which part.
+template <typename F>
+void for_each_part(int64_t n, int64_t parts, const F& f) {
+  if (n <= 0) return;
+  parts = std::max<int64_t>(1, std::min(parts, n));
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(parts, std::max(1, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t q = next.fetch_add(1); q < parts; q = next.fetch_add(1)) f(q, n * q / parts, n * (q + 1) / parts);
+  });
+}
+
+// Parts for a pass over the pairs: several per thread, so that the others can make up for a
+// thread slowed by other load, and of at least `grain` pairs. A part that needs buffers of
+// its own (part_bytes > 0: the backward's argument-gradient rows) is made only while all
+// parts' buffers fit in kPartBudget; at least one per thread.
+constexpr int64_t kPartsPerThread = 4;
+constexpr int64_t kPartBudget = int64_t{32} << 20;
+int64_t pair_parts(const PairStatsSizes& s, int64_t part_bytes) {
+  const int64_t nthreads = std::max(1, at::get_num_threads());
+  int64_t parts = nthreads * kPartsPerThread;
+  if (part_bytes > 0) parts = std::min(parts, std::max<int64_t>(nthreads, kPartBudget / part_bytes));
+  return std::max<int64_t>(1, std::min(parts, s.P / grain(s)));
+}
+
 std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const at::Tensor& wa,
                                                       const at::Tensor& wb, const at::Tensor& b,
                                                       const at::Tensor& v, const at::Tensor& c,
@@ -240,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const
     const PairStatsCpuArgs<scalar_t> g = make_args<scalar_t>(st);
     scalar_t* tj = t_joint.data_ptr<scalar_t>();
     scalar_t* lm = lme.data_ptr<scalar_t>();
-    at::parallel_for(0, st.s.P, grain(st.s), [&](int64_t begin, int64_t end) {
+    for_each_part(st.s.P, pair_parts(st.s, 0), [&](int64_t, int64_t begin, int64_t end) {
       std::vector<scalar_t> sc(static_cast<size_t>((1 + g.R) * kChunkSamples));
       run_forward<scalar_t>(g, begin, end, sc.data(), tj, lm);
     });
@@ -273,7 +305,6 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
   }
   const at::Tensor gt_c = grad_t.contiguous(), gl_c = grad_lme.contiguous();
   const at::Tensor lme_c = lme != nullptr ? lme->contiguous() : at::Tensor();
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t B = s.B, Bp = st.Bp, m = s.m, K = s.K, R = s.R;
 
   // A gradient not asked for (need_h / need_params false) is returned as an empty [0] tensor (a
@@ -293,12 +324,15 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pair_stats_bwd_cpu", [&] {
     using T = scalar_t;
     const PairStatsCpuArgs<T> g = make_args<T>(st);
-    // Per-thread gradient buffers: for hT and hP ([1+R][m][Bp]) and for a shared critic ([4][K]).
-    // Summed after the parallel region, in parallel over units, in a fixed order (deterministic).
-    at::Tensor gbuf = need_h ? at::zeros({nthreads, 1 + R, m, Bp}, h.options()) : none();
-    at::Tensor gs_threads = at::zeros({nthreads, 4, K}, h.options());
+    // Per-part gradient buffers (for_each_part): for hT and hP ([1+R][m][Bp]) and for a shared
+    // critic ([4][K]). Summed after the parallel region, in parallel over units, in a fixed order
+    // (deterministic).
+    const int64_t per_part = (1 + R) * m * Bp;
+    const int64_t nparts = pair_parts(s, need_h ? per_part * static_cast<int64_t>(sizeof(T)) : 0);
+    at::Tensor gbuf = need_h ? at::zeros({nparts, 1 + R, m, Bp}, h.options()) : none();
+    at::Tensor gs_parts = at::zeros({nparts, 4, K}, h.options());
     T* gbuf_all = need_h ? gbuf.data_ptr<T>() : nullptr;
-    T* gs_all = gs_threads.data_ptr<T>();
+    T* gs_all = gs_parts.data_ptr<T>();
     const T* gtp = gt_c.data_ptr<T>();
     const T* glp = gl_c.data_ptr<T>();
     const T* lmep = lme != nullptr ? lme_c.data_ptr<T>() : nullptr;
@@ -308,37 +342,34 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
     T* gwbp = need_params ? gwb.data_ptr<T>() : nullptr;
     T* gbp = need_params ? gb.data_ptr<T>() : nullptr;
     T* gvp = need_params ? gv.data_ptr<T>() : nullptr;
-    const int64_t per_thread = (1 + R) * m * Bp;
-    at::parallel_for(0, s.P, grain(s), [&](int64_t begin, int64_t end) {
-      const int64_t tid = at::get_thread_num();
-      TORCH_CHECK(tid >= 0 && tid < nthreads, "pair_stats_bwd: unexpected thread id ", tid);
+    for_each_part(s.P, nparts, [&](int64_t q, int64_t begin, int64_t end) {
       std::vector<T> scratch(static_cast<size_t>((R + 2) * Bp));
       BwdScratch<T> sc;
       sc.wm = scratch.data();
       sc.wj = sc.wm + R * Bp;
       sc.dsum = sc.wj + Bp;
-      sc.gh = need_h ? gbuf_all + tid * per_thread : nullptr;
+      sc.gh = need_h ? gbuf_all + q * per_part : nullptr;
       sc.gP = need_h ? sc.gh + m * Bp : nullptr;
-      sc.gshared = gs_all + tid * 4 * K;
+      sc.gshared = gs_all + q * 4 * K;
       sc.need_h = need_h;
       sc.need_params = need_params;
       run_backward_or_both<T>(g, begin, end, gtp, glp, lmep, sc, gwap, gwbp, gbp, gvp, tjp, lmop);
     });
-    // grad_h[n, u] = sum over threads of gh[u][n] + sum over r of gP[r][u][n'] at n = perms[r][n'].
+    // grad_h[n, u] = sum over parts of gh[u][n] + sum over r of gP[r][u][n'] at n = perms[r][n'].
     T* ghp = need_h ? grad_h.data_ptr<T>() : nullptr;
     const int64_t* pp = st.perms.data_ptr<int64_t>();
     at::parallel_for(0, need_h ? m : 0, 16, [&](int64_t u0, int64_t u1) {
       std::vector<T> row(static_cast<size_t>(Bp)), part(static_cast<size_t>(Bp));
       for (int64_t u = u0; u < u1; ++u) {
         std::fill(row.begin(), row.end(), T(0));
-        for (int64_t t = 0; t < nthreads; ++t) {
-          const T* src = gbuf_all + t * per_thread + u * Bp;
+        for (int64_t t = 0; t < nparts; ++t) {
+          const T* src = gbuf_all + t * per_part + u * Bp;
           for (int64_t n = 0; n < B; ++n) row[n] += src[n];
         }
         for (int64_t r = 0; r < R; ++r) {
           std::fill(part.begin(), part.end(), T(0));
-          for (int64_t t = 0; t < nthreads; ++t) {
-            const T* src = gbuf_all + t * per_thread + ((1 + r) * m + u) * Bp;
+          for (int64_t t = 0; t < nparts; ++t) {
+            const T* src = gbuf_all + t * per_part + ((1 + r) * m + u) * Bp;
             for (int64_t n = 0; n < B; ++n) part[n] += src[n];
           }
           const int64_t* pr = pp + r * B;
@@ -348,7 +379,7 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
       }
     });
     if (s.shared && need_params) {
-      at::Tensor red = gs_threads.sum(0);  // [4, K]
+      at::Tensor red = gs_parts.sum(0);  // [4, K]
       gwa.copy_(red[0]);
       gwb.copy_(red[1]);
       gb.copy_(red[2]);
