@@ -358,30 +358,10 @@ inline T range_sum(const T* x, int64_t n) {
   return s;
 }
 
-// Log-sum-exp state of x[0..n), n >= 1: the maximum, then the sum of exp(x - max).
-template <typename T>
-inline math::LseState<T> range_lse(const T* x, int64_t n) {
-  using V = Vec<T>;
-  constexpr int L = V::L;
-  T mx = x[0];
-  int64_t t = 0;
-  if (n >= L) {
-    V vm = V::load(x);
-    for (t = L; t + L <= n; t += L) vm = vmax(vm, V::load(x + t));
-    mx = vm.max_lane();
-  }
-  for (; t < n; ++t) mx = x[t] > mx ? x[t] : mx;
-  const V vmx(mx);
-  V acc = V::zero();
-  for (t = 0; t + L <= n; t += L) acc += exp_lse(V::load(x + t) - vmx);
-  T sum = acc.sum();
-  for (; t < n; ++t) sum += math::exp_lse(x[t] - mx);
-  return math::LseState<T>{mx, sum};
-}
-
-// range_lse that also leaves exp(x[t] - max) in x[t] (t < n), for weights formed from them.
-template <typename T>
-inline math::LseState<T> range_lse_keep(T* x, int64_t n) {
+// Log-sum-exp state of x[0..n), n >= 1: the maximum, then the sum of exp(x - max). kKeep: also
+// leave exp(x[t] - max) in x[t] (t < n), for weights formed from them (x is written then).
+template <typename T, bool kKeep = false>
+inline math::LseState<T> range_lse(std::conditional_t<kKeep, T*, const T*> x, int64_t n) {
   using V = Vec<T>;
   constexpr int L = V::L;
   T mx = x[0];
@@ -396,13 +376,14 @@ inline math::LseState<T> range_lse_keep(T* x, int64_t n) {
   V acc = V::zero();
   for (t = 0; t + L <= n; t += L) {
     const V e = exp_lse(V::load(x + t) - vmx);
-    e.store(x + t);
+    if constexpr (kKeep) e.store(x + t);
     acc += e;
   }
   T sum = acc.sum();
   for (; t < n; ++t) {
-    x[t] = math::exp_lse(x[t] - mx);
-    sum += x[t];
+    const T e = math::exp_lse(x[t] - mx);
+    if constexpr (kKeep) x[t] = e;
+    sum += e;
   }
   return math::LseState<T>{mx, sum};
 }
@@ -575,7 +556,7 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
       const int64_t valid = std::min(n1, g.B) - n0;
       detail::source_scores<T>(a, U, g.Bp, src.data(), dst.data(), nsrc, n0, n1, wa, wb, bias, v, g.K);
       jsum += detail::range_sum(dst[0], valid);
-      for (int64_t r = 0; r < g.R; ++r) st = math::lse_merge(st, detail::range_lse(dst[1 + r], valid));
+      for (int64_t r = 0; r < g.R; ++r) st = math::lse_merge(st, detail::range_lse<T>(dst[1 + r], valid));
     }
     const T cp = g.c[p * g.cstride];
     t_joint[p] = cp + jsum * inv_b;
@@ -644,7 +625,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
                                  bias, v, K);
         math::LseState<T> st = math::lse_empty<T>();
         for (int64_t r = 0; r < R; ++r) {
-          const math::LseState<T> sr = detail::range_lse_keep(score_dst[1 + r], g.B);
+          const math::LseState<T> sr = detail::range_lse<T, true>(score_dst[1 + r], g.B);
           wmax[r] = sr.max;
           st = math::lse_merge(st, sr);
         }
