@@ -509,23 +509,27 @@ def loglog_slope(xs, ys) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / den
 
 
+# The backends that run the compiled kernels (linearity and scratch lines are printed for these).
+KERNEL_BACKENDS = ("fused", "onepass")
+
+
 def linearity(rows) -> list[dict]:
-    """Log-log slope of the fused median time vs m (ideal ~2, since P ~ m^2/2) and vs work."""
+    """Log-log slope of a kernel backend's median time vs m (ideal ~2, since P ~ m^2/2) and vs work."""
     groups: dict = {}
     for r in rows:
-        if r["backend"] == "fused" and r.get("median_s"):
+        if r["backend"] in KERNEL_BACKENDS and r.get("median_s"):
             c = r["cell"]
-            key = (c["B"], c["K"], c["R"], c["mode"], r["direction"])
+            key = (r["backend"], c["B"], c["K"], c["R"], c["mode"], r["direction"])
             groups.setdefault(key, []).append(r)
     out = []
-    for (B, K, R, mode, direction), rs in sorted(groups.items()):
+    for (backend, B, K, R, mode, direction), rs in sorted(groups.items()):
         ms = sorted({r["cell"]["m"] for r in rs})
         if len(ms) < 2:
             continue
         rs = sorted(rs, key=lambda r: r["cell"]["m"])
         t = [r["median_s"] for r in rs]
         work = [Cell(**r["cell"]).evals * K for r in rs]
-        out.append({"B": B, "K": K, "R": R, "mode": mode, "direction": direction, "m": ms,
+        out.append({"backend": backend, "B": B, "K": K, "R": R, "mode": mode, "direction": direction, "m": ms,
                     "slope_vs_m": loglog_slope(ms, t), "slope_vs_work": loglog_slope(work, t)})
     return out
 
@@ -679,13 +683,13 @@ def run(args) -> dict:
                 print(f"#   fused fwd {Cell(**r['cell']).label()}: {r['gflops']:.2f} GFLOP/s = "
                       f"{100 * r['frac_sgemm']:.1f}% of sgemm")
         for lin in result["linearity"]:
-            print(f"# linearity fused {lin['direction']} B={lin['B']} K={lin['K']} R={lin['R']} {lin['mode']}: "
+            print(f"# linearity {lin['backend']} {lin['direction']} B={lin['B']} K={lin['K']} R={lin['R']} {lin['mode']}: "
                   f"log-log slope vs m = {lin['slope_vs_m']:.3f} (ideal ~2), vs P*B*(1+R)*K = "
                   f"{lin['slope_vs_work']:.3f} (ideal 1), m = {lin['m']}")
         for r in rows:
             mem = r.get("memory") or {}
-            if r["backend"] == "fused" and "scratch_bytes" in mem:
-                print(f"# scratch fused {r['direction']} {Cell(**r['cell']).label()}: peak RSS increase "
+            if r["backend"] in KERNEL_BACKENDS and "scratch_bytes" in mem:
+                print(f"# scratch {r['backend']} {r['direction']} {Cell(**r['cell']).label()}: peak RSS increase "
                       f"{_fmt_mb(mem['peak_bytes'])} MB - outputs{'+grads' if r['direction'] == 'fwdbwd' else ''} "
                       f"{_fmt_mb(mem['outputs_grads_bytes'])} MB = {_fmt_mb(mem['scratch_bytes'])} MB")
         path = args.json or os.path.join(
