@@ -23,7 +23,8 @@ __all__ = ["pair_stats", "pair_stats_linear", "fused_available", "num_pairs"]
 #: and, in the backward, gradient buffers of that size for each part of the pairs (one per
 #: thread, and up to four per thread while all of them fit in 32 MB); when R is so large that
 #: they would exceed this budget, the permutation rows are processed in groups and the groups'
-#: log-mean-exps combined (exactly, by a log-sum-exp weighted by group size).
+#: log-mean-exps combined (exactly, by a log-sum-exp weighted by group size). The planning
+#: counts one buffer per thread; the parts beyond that can add at most 32 MB to the budget.
 FUSED_SCRATCH_BYTES = 256 * 2**20
 
 _FLOAT = (torch.float32, torch.float64)
@@ -280,7 +281,7 @@ class _PairStatsLinear(torch.autograd.Function):
 def _rows_per_call(B: int, m: int, R: int, itemsize: int) -> int:
     """Permutation rows per fused call so that its scratch stays within FUSED_SCRATCH_BYTES."""
     threads = max(1, torch.get_num_threads())
-    per_row = (threads + 1) * m * B * itemsize  # staged copy + a gradient buffer per thread (parts beyond: 32 MB)
+    per_row = (threads + 1) * m * B * itemsize  # staged copy + a gradient buffer per thread
     return max(1, min(R, FUSED_SCRATCH_BYTES // max(1, per_row) - 1))
 
 

@@ -191,6 +191,8 @@ def test_many_permutation_rows_are_grouped_exactly(monkeypatch, budget_rows):
 @pytest.mark.parametrize("shared", [True, False])
 def test_gate_threshold_edge_weights(shared, dtype):
     # the backward's gate by threshold must fall back to the gate from x where it is unsafe
+    # (float32: the AVX2 build's threshold loops; float64 always gates from x, a check of the
+    # edge values themselves)
     inputs = with_edge_gate_units(make_inputs(21, 5, 8, 2, shared=shared, dtype=dtype, seed=11))
     _assert_parity(inputs, dtype)
 

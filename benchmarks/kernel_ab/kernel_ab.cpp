@@ -211,11 +211,16 @@ int main(int argc, char** argv) {
   };
   // Both read side 0's lme (version A's in the agreement check), so that their backwards see the
   // same inputs.
-  auto bwd = [&](int which, int out) {
-    Side& s = side[out];
+  // A side's per-pair critic gradient rows (wa, wb, bias, v), or nulls when they are not wanted.
+  struct GradRows {
+    float *g0, *g1, *g2, *g3;
+  };
+  auto grad_rows = [&](Side& s) {
     float* gp = s.gpair.empty() ? nullptr : s.gpair.data();
-    float *g0 = gp, *g1 = gp ? gp + N * K : nullptr, *g2 = gp ? gp + 2 * N * K : nullptr,
-          *g3 = gp ? gp + 3 * N * K : nullptr;
+    return GradRows{gp, gp ? gp + N * K : nullptr, gp ? gp + 2 * N * K : nullptr, gp ? gp + 3 * N * K : nullptr};
+  };
+  auto bwd = [&](int which, int out) {
+    const auto [g0, g1, g2, g3] = grad_rows(side[out]);
     if (which == 0)
       impl_a::backward_range<float>(g, 0, N, gt.data(), gl.data(), side[0].lme.data(), sc[out], g0, g1, g2, g3);
     else
@@ -226,9 +231,7 @@ int main(int argc, char** argv) {
   // gradients from the upstream gradients alone.
   auto fwd_bwd = [&](int which, int out) {
     Side& s = side[out];
-    float* gp = s.gpair.empty() ? nullptr : s.gpair.data();
-    float *g0 = gp, *g1 = gp ? gp + N * K : nullptr, *g2 = gp ? gp + 2 * N * K : nullptr,
-          *g3 = gp ? gp + 3 * N * K : nullptr;
+    const auto [g0, g1, g2, g3] = grad_rows(s);
     if (which == 0)
       impl_a::forward_backward_range<float>(g, 0, N, gt.data(), gl.data(), sc[out], g0, g1, g2, g3, s.tj.data(),
                                             s.lme.data());

@@ -636,7 +636,6 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
           T* w = s.wm + r * Bp;
           const V scale(math::marginal_weight_scale(wmax[r], lme0, gl));
           for (int64_t n = 0; n < Bp; n += V::L) (V::load(w + n) * scale).store(w + n);
-          for (int64_t n = g.B; n < Bp; ++n) w[n] = T(0);
         }
       } else {
         detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data() + 1, score_dst.data() + 1, R, 0, Bp, wa,
@@ -645,9 +644,10 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
         for (int64_t r = 0; r < R; ++r) {
           T* w = s.wm + r * Bp;
           for (int64_t n = 0; n < Bp; n += V::L) math::marginal_weight(V::load(w + n), lme0v, glv).store(w + n);
-          for (int64_t n = g.B; n < Bp; ++n) w[n] = T(0);
         }
       }
+      for (int64_t r = 0; r < R; ++r)  // the padding samples weigh nothing
+        for (int64_t n = g.B; n < Bp; ++n) s.wm[r * Bp + n] = T(0);
     }
 
     for (int64_t k = 0; k < K; ++k) {
