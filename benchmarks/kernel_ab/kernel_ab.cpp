@@ -11,7 +11,9 @@
 // Built and run by benchmarks/kernel_ab/run.sh, which passes the two header paths as IMPL_A and
 // IMPL_B. Both versions use the working tree's pair_stats_cpu.h and pair_stats_math.h, so only
 // changes confined to pair_stats_cpu_impl.h can be compared. AVX2 + FMA build only (the one the
-// kernel dispatches to on x86-64 CPUs that have them); one thread.
+// kernel dispatches to on x86-64 CPUs that have them). One thread, or with --threads T that many,
+// each on a contiguous 1/T of the pairs with its own scratch and gradient buffers (as the
+// driver's parts), so that effects of the threads sharing L3 and memory show.
 #include "cpu/pair_stats_cpu.h"
 
 #include <algorithm>
@@ -24,6 +26,7 @@
 #include <new>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifndef IMPL_A
@@ -46,7 +49,7 @@ namespace {
 using namespace mmim_ext::cpu;
 
 struct Options {
-  int64_t m = 1024, B = 256, K = 16, R = 1, pairs = 16000, trials = 40;
+  int64_t m = 1024, B = 256, K = 16, R = 1, pairs = 16000, trials = 40, threads = 1;
   bool shared = false, need_h = true, need_params = true;
   std::string json;
 };
@@ -56,7 +59,7 @@ struct Options {
                "kernel_ab: %s\n"
                "options: --m M (units, >= 2) --B B (batch, >= 1) --K K (critic width, >= 1) --R R (shuffles, >= 1)\n"
                "         --pairs N (the first N pairs in row-major order, 1..m(m-1)/2) --trials T (>= 1)\n"
-               "         --shared 0|1 --need-h 0|1 --need-params 0|1 (not both 0) --json PATH\n",
+               "         --shared 0|1 --need-h 0|1 --need-params 0|1 (not both 0) --threads T (1..64) --json PATH\n",
                msg.c_str());
   std::exit(2);
 }
@@ -83,6 +86,7 @@ Options parse(int argc, char** argv) {
     else if (k == "--R") o.R = parse_int(k, val, 1, 64);
     else if (k == "--pairs") o.pairs = parse_int(k, val, 1, int64_t(1) << 40);
     else if (k == "--trials") o.trials = parse_int(k, val, 1, 100000);
+    else if (k == "--threads") o.threads = parse_int(k, val, 1, 64);
     else if (k == "--shared") o.shared = parse_int(k, val, 0, 1) != 0;
     else if (k == "--need-h") o.need_h = parse_int(k, val, 0, 1) != 0;
     else if (k == "--need-params") o.need_params = parse_int(k, val, 0, 1) != 0;
@@ -92,6 +96,7 @@ Options parse(int argc, char** argv) {
   const int64_t P = o.m * (o.m - 1) / 2;
   if (o.pairs > P) usage_error("--pairs must be at most m(m-1)/2 = " + std::to_string(P));
   if (!o.need_h && !o.need_params) usage_error("--need-h and --need-params cannot both be 0");
+  if (o.threads > o.pairs) usage_error("--threads must be at most --pairs");
   return o;
 }
 
@@ -178,36 +183,53 @@ int main(int argc, char** argv) {
                                   bias.data(), v.data(), c.data(), B, Bp, m, P, K, R,
                                   o.shared ? 0 : K, o.shared ? 0 : 1};
 
-  AVec<float> fsc((1 + R) * kChunkSamples);
+  // Per thread: the forward's chunk scratch, the backward's sample weights and gradient buffers
+  // (hT and hP rows; a shared critic's [4][K]).
+  const int64_t T = o.threads;
+  const int64_t gbuf_per = o.need_h ? (1 + R) * m * Bp : 0, wm_per = (R + 2) * Bp;
+  AVec<float> fsc(T * (1 + R) * kChunkSamples);
   Side side[2];
   for (Side& s : side) {
     s.tj.assign(N, 0.0f);
     s.lme.assign(N, 0.0f);
-    s.gbuf.assign(o.need_h ? (1 + R) * m * Bp : 0, 0.0f);
+    s.gbuf.assign(T * gbuf_per, 0.0f);
     s.gpair.assign(o.need_params && !o.shared ? 4 * N * K : 0, 0.0f);
-    s.gshared.assign(4 * K, 0.0f);
-    s.wm.assign((R + 2) * Bp, 0.0f);
+    s.gshared.assign(T * 4 * K, 0.0f);
+    s.wm.assign(T * wm_per, 0.0f);
   }
-  auto scratch = [&](Side& s) {
+  auto scratch = [&](Side& s, int64_t th) {
     BwdScratch<float> sc;
-    sc.wm = s.wm.data();
+    sc.wm = s.wm.data() + th * wm_per;
     sc.wj = sc.wm + R * Bp;
     sc.dsum = sc.wj + Bp;
-    sc.gh = o.need_h ? s.gbuf.data() : nullptr;
+    sc.gh = o.need_h ? s.gbuf.data() + th * gbuf_per : nullptr;
     sc.gP = o.need_h ? sc.gh + m * Bp : nullptr;
-    sc.gshared = s.gshared.data();
+    sc.gshared = s.gshared.data() + th * 4 * K;
     sc.need_h = o.need_h;
     sc.need_params = o.need_params;
     return sc;
   };
-  const BwdScratch<float> sc[2] = {scratch(side[0]), scratch(side[1])};
+  std::vector<BwdScratch<float>> sc[2];
+  for (int out = 0; out < 2; ++out)
+    for (int64_t th = 0; th < T; ++th) sc[out].push_back(scratch(side[out], th));
+  // f(th, begin, end) on T threads (this one and T - 1 started per call), thread th on pairs
+  // [N th / T, N (th + 1) / T).
+  auto par = [&](auto&& f) {
+    std::vector<std::thread> pool;
+    for (int64_t th = 1; th < T; ++th) pool.emplace_back([&, th] { f(th, N * th / T, N * (th + 1) / T); });
+    f(int64_t{0}, int64_t{0}, N / T);
+    for (std::thread& x : pool) x.join();
+  };
   // out: which side's buffers receive the outputs. The agreement check below gives each version
   // its own; the timing gives both side 0's, so that neither gains from where its memory happens
   // to lie (with separate buffers, two of seven A/A runs showed one side 17-18% slower).
   auto fwd = [&](int which, int out) {
     Side& s = side[out];
-    if (which == 0) impl_a::forward_range<float>(g, 0, N, fsc.data(), s.tj.data(), s.lme.data());
-    else impl_b::forward_range<float>(g, 0, N, fsc.data(), s.tj.data(), s.lme.data());
+    par([&](int64_t th, int64_t b, int64_t e) {
+      float* f = fsc.data() + th * (1 + R) * kChunkSamples;
+      if (which == 0) impl_a::forward_range<float>(g, b, e, f, s.tj.data(), s.lme.data());
+      else impl_b::forward_range<float>(g, b, e, f, s.tj.data(), s.lme.data());
+    });
   };
   // Both read side 0's lme (version A's in the agreement check), so that their backwards see the
   // same inputs.
@@ -221,10 +243,13 @@ int main(int argc, char** argv) {
   };
   auto bwd = [&](int which, int out) {
     const auto [g0, g1, g2, g3] = grad_rows(side[out]);
-    if (which == 0)
-      impl_a::backward_range<float>(g, 0, N, gt.data(), gl.data(), side[0].lme.data(), sc[out], g0, g1, g2, g3);
-    else
-      impl_b::backward_range<float>(g, 0, N, gt.data(), gl.data(), side[0].lme.data(), sc[out], g0, g1, g2, g3);
+    par([&](int64_t th, int64_t b, int64_t e) {
+      const BwdScratch<float>& s = sc[out][th];
+      if (which == 0)
+        impl_a::backward_range<float>(g, b, e, gt.data(), gl.data(), side[0].lme.data(), s, g0, g1, g2, g3);
+      else
+        impl_b::backward_range<float>(g, b, e, gt.data(), gl.data(), side[0].lme.data(), s, g0, g1, g2, g3);
+    });
   };
 
   // The one pass (forward_backward_range; both versions must have it): statistics and
@@ -232,12 +257,15 @@ int main(int argc, char** argv) {
   auto fwd_bwd = [&](int which, int out) {
     Side& s = side[out];
     const auto [g0, g1, g2, g3] = grad_rows(s);
-    if (which == 0)
-      impl_a::forward_backward_range<float>(g, 0, N, gt.data(), gl.data(), sc[out], g0, g1, g2, g3, s.tj.data(),
-                                            s.lme.data());
-    else
-      impl_b::forward_backward_range<float>(g, 0, N, gt.data(), gl.data(), sc[out], g0, g1, g2, g3, s.tj.data(),
-                                            s.lme.data());
+    par([&](int64_t th, int64_t b, int64_t e) {
+      const BwdScratch<float>& x = sc[out][th];
+      if (which == 0)
+        impl_a::forward_backward_range<float>(g, b, e, gt.data(), gl.data(), x, g0, g1, g2, g3, s.tj.data(),
+                                              s.lme.data());
+      else
+        impl_b::forward_backward_range<float>(g, b, e, gt.data(), gl.data(), x, g0, g1, g2, g3, s.tj.data(),
+                                              s.lme.data());
+    });
   };
   auto zero_grads = [&]() {
     for (Side& s : side) {
@@ -262,9 +290,10 @@ int main(int argc, char** argv) {
   const double d1_fwd = std::max(max_abs_diff(side[0].tj, side[1].tj), max_abs_diff(side[0].lme, side[1].lme));
   const double d1_h = max_abs_diff(side[0].gbuf, side[1].gbuf);
   const double d1_p = std::max(max_abs_diff(side[0].gpair, side[1].gpair), max_abs_diff(side[0].gshared, side[1].gshared));
-  std::printf("kernel_ab: m=%lld B=%lld K=%lld R=%lld pairs=%lld (of %lld) %s need_h=%d need_params=%d trials=%lld\n",
-              (long long)m, (long long)B, (long long)K, (long long)R, (long long)N, (long long)P,
-              o.shared ? "shared" : "per-pair", o.need_h, o.need_params, (long long)o.trials);
+  std::printf(
+      "kernel_ab: m=%lld B=%lld K=%lld R=%lld pairs=%lld (of %lld) %s need_h=%d need_params=%d trials=%lld threads=%lld\n",
+      (long long)m, (long long)B, (long long)K, (long long)R, (long long)N, (long long)P, o.shared ? "shared" : "per-pair",
+      o.need_h, o.need_params, (long long)o.trials, (long long)T);
   std::printf("max |A - B|: forward %.3g, h-gradient buffers %.3g, critic gradients %.3g\n", d_fwd, d_h, d_p);
   std::printf("max |A - B| one pass: statistics %.3g, h-gradient buffers %.3g, critic gradients %.3g\n", d1_fwd,
               d1_h, d1_p);
@@ -300,8 +329,8 @@ int main(int argc, char** argv) {
     FILE* f = json;
     std::fprintf(f, "{\"m\": %lld, \"B\": %lld, \"K\": %lld, \"R\": %lld, \"pairs\": %lld, \"shared\": %s, ",
                  (long long)m, (long long)B, (long long)K, (long long)R, (long long)N, o.shared ? "true" : "false");
-    std::fprintf(f, "\"need_h\": %s, \"need_params\": %s, ", o.need_h ? "true" : "false",
-                 o.need_params ? "true" : "false");
+    std::fprintf(f, "\"need_h\": %s, \"need_params\": %s, \"threads\": %lld, ", o.need_h ? "true" : "false",
+                 o.need_params ? "true" : "false", (long long)T);
     std::fprintf(f, "\"max_abs_diff\": {\"forward\": %.9g, \"h\": %.9g, \"params\": %.9g}, ", d_fwd, d_h, d_p);
     std::fprintf(f, "\"max_abs_diff_fwd_bwd\": {\"statistics\": %.9g, \"h\": %.9g, \"params\": %.9g}, ", d1_fwd,
                  d1_h, d1_p);

@@ -26,7 +26,7 @@ if ! git -C "$root" show "$rev:$impl" >"$work/impl_a.h" 2>/dev/null; then
 fi
 cp "$root/$impl" "$work/impl_b.h"
 # The extension's flags (setup.py): -O3, FMA contraction on, hidden visibility.
-"${CXX:-g++}" -O3 -std=c++17 -ffp-contract=fast -fvisibility=hidden -Wno-psabi -falign-loops=64 -falign-functions=64 \
+"${CXX:-g++}" -O3 -std=c++17 -ffp-contract=fast -fvisibility=hidden -Wno-psabi -falign-loops=64 -falign-functions=64 -pthread \
   -I"$root/csrc" -I"$work" -DIMPL_A='"impl_a.h"' -DIMPL_B='"impl_b.h"' \
   "$root/benchmarks/kernel_ab/kernel_ab.cpp" -o "$work/kernel_ab"
 echo "A = $impl at $rev ($(git -C "$root" rev-parse --short "$rev")), B = working tree"
