@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmim_ext.ops import pair_stats
+from mmim_ext.ops import pair_stats, pair_stats_linear
 from mmim_ext.reference import all_pairs
 
 __all__ = [
@@ -416,6 +416,38 @@ class PairwiseMINE(nn.Module):
         self._record(est, pair_index)
         loss = loss.sum() if self.per_pair else loss.mean()
         return est, loss
+
+    def penalty(self, h: torch.Tensor, labels: torch.Tensor | None = None, pair_index: torch.Tensor | None = None,
+                *, coef: float = 1.0):
+        """``coef`` times the sum over pairs of the estimates, with the critics frozen.
+
+        The penalty a regularizer adds to the task loss: differentiable w.r.t. ``h`` only (the
+        critics' parameters are detached, the EMA is left alone), the value that
+        ``coef * self(h, labels, pair_index, compute_loss=False)[0].sum()`` gives. For the
+        ``"mine"`` estimator (the Donsker-Varadhan bound ``t_joint - lme`` per pair) it is a fixed
+        linear combination of the op's statistics, so it goes through
+        :func:`mmim_ext.pair_stats_linear`: on the CPU kernel, the statistics and the gradient
+        w.r.t. ``h`` in one pass over the samples instead of a forward and a backward. The other
+        estimators take the general path.
+
+        Returns:
+            ``(estimates, value)``: the per-pair estimates (``[P]`` or ``[S]``, nats, without
+            gradient; also recorded as by ``forward``) and ``value``, a 0-d tensor.
+        """
+        coef = float(coef)
+        if not math.isfinite(coef):
+            raise ValueError(f"PairwiseMINE.penalty: argument 'coef' must be a finite number, got {coef!r}")
+        if self.estimator != "mine":
+            est, _ = self(h, labels, pair_index, compute_loss=False)
+            return est.detach(), coef * est.sum()
+        h, pairs = self._prepare(h, labels, pair_index)
+        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
+        params = self._params(pair_index, h.dtype, detach=True)
+        ct = torch.full((pairs.shape[0],), coef, dtype=h.dtype, device=h.device)
+        value, t_joint, lme = pair_stats_linear(h, *params, perms, ct, -ct, pairs, backend=self.backend)
+        est = t_joint - lme
+        self._record(est, pair_index)
+        return est, value
 
     def _smile(self, h, perms, pairs, pair_index):
         wa, wb, b, v, c = self._params(pair_index, h.dtype)

@@ -159,7 +159,11 @@ class MMIMRegularizer(nn.Module):
             return -est.sum(), loss
         critic = self.c4_critic if name == "c4" else self.c5_critic
         lab = labels if name == "c5" else None
-        if self.mode == "pairwise":
+        if self.mode == "pairwise" and not compute_loss:
+            # The penalty through frozen critics: one pass of the fused op where it applies.
+            _, val = critic.penalty(h, lab, index, coef=scale)
+            loss = None
+        elif self.mode == "pairwise":
             est, loss = critic(h, lab, index, compute_loss=compute_loss)
             val = est.sum() * scale
         else:

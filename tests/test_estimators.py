@@ -131,6 +131,43 @@ def test_pair_index_and_shared_critic():
     assert est.shape == (6,) and loss.dim() == 0 and shared.wa.shape == (1, 4)
 
 
+@pytest.mark.parametrize("estimator", ["mine", "nwj"])
+@pytest.mark.parametrize("per_pair", [True, False])
+@pytest.mark.parametrize("subset", [False, True])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_penalty_matches_the_frozen_forward(estimator, per_pair, subset, conditional):
+    # penalty() (for "mine" through pair_stats_linear's one pass) against the general path it
+    # replaces: coef * forward(compute_loss=False)[0].sum(), same value, gradient w.r.t. h and
+    # recorded estimates; no gradient reaches the critics and the EMA is left alone.
+    B, m, coef = 48, 5, -2.5
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(B, m, generator=g, dtype=torch.float64).requires_grad_(True)
+    labels = torch.arange(B) % 3 if conditional else None
+    idx = torch.tensor([7, 0, 4]) if subset else None
+    torch.manual_seed(0)
+    mod = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator)
+    ema_before = None if mod._ema is None else mod._ema.log_acc.clone()
+    torch.manual_seed(1)  # the same negatives for both calls
+    est0, loss0 = mod(h, labels, idx, compute_loss=False)
+    want = coef * est0.sum()
+    (g_want,) = torch.autograd.grad(want, h)
+    last0 = mod.last.clone()
+    mod.last.zero_()
+    torch.manual_seed(1)
+    est1, value = mod.penalty(h, labels, idx, coef=coef)
+    (g_got,) = torch.autograd.grad(value, h)
+    assert loss0 is None and value.dim() == 0 and not est1.requires_grad
+    assert torch.allclose(value, want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(est1, est0.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(mod.last, last0)
+    assert all(p.grad is None for p in mod.parameters())
+    if ema_before is not None:
+        assert torch.equal(mod._ema.log_acc, ema_before)
+    with pytest.raises(ValueError, match="'coef'"):
+        mod.penalty(h, coef=float("nan"))
+
+
 @pytest.mark.skipif(not FUSED, reason="compiled extension not built")
 def test_fused_and_reference_backends_agree():
     h = gaussian_pairs([0.6, 0.2, 0.9], 80, 2)
