@@ -24,6 +24,7 @@ from mmim_ext.estimators import (
     _check_features,
     _check_labels,
     _check_positive_int,
+    critic_adam,
 )
 
 __all__ = ["estimate_mi", "estimate_pairwise_mi", "estimate_total_correlation"]
@@ -117,7 +118,7 @@ def _train_critics(mod, train_inputs, evaluate: Callable[[], torch.Tensor], lr: 
                    desc: str) -> torch.Tensor:
     """Adam on ``mod``'s own training loss over minibatches of ``train_inputs`` (tensors indexed
     by sample, or ``None`` passed through), with :func:`_fit`'s early stopping on ``evaluate``."""
-    opt = torch.optim.Adam(mod.parameters(), lr=lr)
+    opt = critic_adam(mod.parameters(), lr)
 
     def step(idx):
         _, loss = mod(*(None if t is None else t[idx] for t in train_inputs))

@@ -59,6 +59,7 @@ from mmim_ext.estimators import (
     _check_features,
     _check_labels,
     _check_positive_int,
+    critic_adam,
 )
 
 __all__ = ["GaussianLinear", "MMIMRegularizer", "REGULARIZERS", "make_regularizer"]
@@ -140,7 +141,7 @@ class MMIMRegularizer(nn.Module):
         self.c5_critic = redundancy() if c5 != 0 else None
         self.c6_critic = (UnitLabelMINE(num_units, num_classes, hidden=hidden, estimator=estimator, ema=ema,
                                         smile_clip=smile_clip) if c6 != 0 else None)
-        self.critic_optimizer = torch.optim.Adam(self.parameters(), lr=critic_lr)
+        self.critic_optimizer = critic_adam(self.parameters(), critic_lr)
         self.terms: dict[str, float] = {}
 
     def _pair_index(self, device):

@@ -139,6 +139,30 @@ def _bad(fn, exc, match):
         fn()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_critic_adam_matches_the_default_adam(dtype):
+    # The regularizers' and estimators' critics step with critic_adam (the fused Adam where
+    # PyTorch has it); its updates must be Adam's.
+    from mmim_ext.estimators import critic_adam
+
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(40, 16, generator=g, dtype=dtype), torch.randn(40, generator=g, dtype=dtype)]
+    grads = [[torch.randn(t.shape, generator=g, dtype=dtype) for t in init] for _ in range(5)]
+    runs = []
+    for make in (lambda ps: critic_adam(ps, 1e-2), lambda ps: torch.optim.Adam(ps, lr=1e-2)):
+        ps = [nn.Parameter(t.clone()) for t in init]
+        opt = make(ps)
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = gr.clone()
+            opt.step()
+        runs.append([p.detach() for p in ps])
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=0, atol=tol)
+    assert not torch.equal(runs[0][0], init[0])
+
+
 def test_regularizer_bad_input():
     h, y = _features()
     _bad(lambda: make_regularizer("c7", 6, 3), ValueError, "'name' must be one of")
