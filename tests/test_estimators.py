@@ -393,6 +393,52 @@ def test_unit_label_mi():
     assert (est - truth).abs().max() < 0.05, (est, truth)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_label_critic_scores_chunks_match_the_direct_formula(chunk):
+    # UnitLabelMINE's scores over chunks of units (5 units: ragged last chunk for chunk=2) against
+    # sum_k v relu(base + emb) written out, values and every gradient, and gradcheck in float64.
+    from mmim_ext.estimators import _LabelCriticScores
+
+    g = torch.Generator().manual_seed(4)
+    B, m, C, K = 6, 5, 3, 4
+    base = torch.randn(B, m, K, generator=g, dtype=torch.float64, requires_grad=True)
+    emb = torch.randn(m, C, K, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(m, K, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(B, m, C, generator=g, dtype=torch.float64)
+    want = (torch.relu(base.unsqueeze(2) + emb) * v.unsqueeze(1)).sum(-1)
+    got = _LabelCriticScores.apply(base, emb, v, chunk)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    gw = torch.autograd.grad((want * weight).sum(), (base, emb, v))
+    gg = torch.autograd.grad((got * weight).sum(), (base, emb, v))
+    for a, b in zip(gg, gw):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    # only some inputs requiring gradients (the frozen critic of a penalty: base only)
+    (only_base,) = torch.autograd.grad((_LabelCriticScores.apply(base, emb.detach(), v.detach(), chunk) * weight).sum(), base)
+    assert torch.allclose(only_base, gw[0], rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, e, w: _LabelCriticScores.apply(x, e, w, chunk), (base, emb, v))
+
+
+def test_unit_label_scores_on_the_cpu_use_several_chunks(monkeypatch):
+    # A small chunk budget: the module's estimates and gradients are those of one chunk.
+    import mmim_ext.estimators as est_mod
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(64, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(0)
+    mod = mmim_ext.UnitLabelMINE(7, 3, hidden=4).double().eval()  # eval: no EMA state between runs
+    runs = []
+    for budget in (1 << 30, 64 * 3 * 4 * 8 * 2):  # everything in one chunk; chunks of 2 units
+        monkeypatch.setattr(est_mod, "_LABEL_CHUNK_BYTES", budget)
+        mod.zero_grad(set_to_none=True)
+        est, loss = mod(h, y)
+        (gh,) = torch.autograd.grad(loss, h, retain_graph=True)
+        loss.backward()
+        runs.append((est.detach(), gh, mod.emb.grad.clone(), mod.v.grad.clone()))
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 
