@@ -39,6 +39,14 @@ TORCH_LIBRARY(mmim_ext, m) {
       "pair_stats_fwd_bwd(Tensor grad_t_joint, Tensor grad_lme, Tensor h, Tensor wa, Tensor wb, "
       "Tensor b, Tensor v, Tensor c, Tensor perms, Tensor? pairs, bool need_h=True, "
       "bool need_params=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // pair_stats_fwd_bwd for MINE's bias-corrected loss (CPU only): the upstream gradient of lme[p]
+  // is grad_lme[p] * exp(lme[p] - log_avg[p]), log_avg the moving average of E_Q[e^T] after folding
+  // in this lme: logaddexp(ema[p, 0], log_a + lme[p]) - ema[p, 1] (math::mine_ema_ratio), known
+  // only once the pass has formed lme; the caller updates its average from the returned lme.
+  m.def(
+      "pair_stats_fwd_bwd_mine(Tensor grad_t_joint, Tensor grad_lme, Tensor ema, float log_a, Tensor h, "
+      "Tensor wa, Tensor wb, Tensor b, Tensor v, Tensor c, Tensor perms, Tensor? pairs, bool need_h=True, "
+      "bool need_params=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Name of the CPU instruction set the CPU kernels dispatch to ("avx2" or "base").
   m.def("cpu_capability() -> str");
   // Row-wise Gaussian-kernel log-sum-exp (KDE information bounds, DESIGN.md §5):

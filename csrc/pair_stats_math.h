@@ -182,6 +182,17 @@ MMIM_HD double exp_lse(double x) {
 #endif
 }
 
+// log in T's precision (float: logf on the device, std::log(float) on the host).
+MMIM_HD float log_lse(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return std::log(x);
+#endif
+}
+
+MMIM_HD double log_lse(double x) { return ::log(x); }
+
 // ---- online log-sum-exp --------------------------------------------------------------------
 
 // Running state of log(sum exp(t)): the maximum seen and the sum of exp(t - max).
@@ -230,6 +241,19 @@ MMIM_HD T marginal_weight(T t, T lme, T grad_over_count) {
 template <typename T>
 MMIM_HD T marginal_weight_scale(T max_r, T lme, T grad_over_count) {
   return grad_over_count * exp_lse(max_r - lme);
+}
+
+// MINE's bias-corrected gradient (Belghazi et al.): the gradient of its loss w.r.t. lme is
+// exp(lme - log_avg), with log_avg the log of the moving average of E_Q[e^T] after folding in
+// this batch, log_avg = logaddexp(la, log_a + lme) - lk, where la = log(1 - a) + the average's
+// previous log (-inf before the first batch), log_a = log(a), lk = log(1 - (1 - a)^count) with
+// count the batches folded in, this one included (a the average's rate).
+template <typename T>
+MMIM_HD T mine_ema_ratio(T lme, T la, T lk, T log_a) {
+  const T x = log_a + lme;
+  const T mx = la > x ? la : x;
+  const T lse = mx + log_lse(exp_lse(la - mx) + exp_lse(x - mx));
+  return exp_lse(lme + lk - lse);
 }
 
 // ---- pair enumeration ----------------------------------------------------------------------

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmim_ext.ops import pair_stats, pair_stats_linear
+from mmim_ext.ops import _one_pass_applies, _pair_stats_mine_loss, pair_stats, pair_stats_linear
 from mmim_ext.reference import all_pairs
 
 __all__ = [
@@ -432,6 +432,45 @@ class PairwiseMINE(nn.Module):
                 loss = -est
         self._record(est, pair_index)
         loss = loss.sum() if self.per_pair else loss.mean()
+        return est, loss
+
+    def critic_loss(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+                    pair_index: torch.Tensor | None = None):
+        """``forward(h, labels, pair_index)`` for a critic update: ``(estimates, loss)``.
+
+        The same loss, gradients and moving-average update as ``forward``. For the ``"mine"``
+        estimator in training mode with the CPU kernel the loss comes from one pass over the
+        samples (``mmim_ext::pair_stats_fwd_bwd_mine``: statistics and gradients together, the
+        moving-average rule applied per pair once its ``lme`` is known) instead of a forward and a
+        backward; the estimates are then returned without gradient. Other cases call ``forward``.
+        """
+        if not (self.estimator == "mine" and self.training and self._ema is not None):
+            return self(h, labels, pair_index)
+        h, pairs = self._prepare(h, labels, pair_index)
+        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
+        if not _one_pass_applies(h, perms, self.backend):
+            # the general path, with these negatives
+            t_joint, lme = self.pair_statistics(h, perms, pair_index)
+            est = t_joint - lme
+            loss = _mine_loss(t_joint, lme, self._ema, pair_index, self.training)
+            self._record(est, pair_index)
+            return est, loss.sum() if self.per_pair else loss.mean()
+        P = pairs.shape[0]
+        scale = 1.0 if self.per_pair else 1.0 / P
+        ct = torch.full((P,), -scale, dtype=h.dtype, device=h.device)
+        # The average's state before this batch: la = log(1 - a) + log_acc, lk = log(1 - (1 - a)^count)
+        # with count including this batch (_LogEMA.update).
+        ema = self._ema
+        idx = slice(None) if pair_index is None else pair_index
+        a = ema.rate
+        la = ema.log_acc[idx] + math.log1p(-a)
+        lk = torch.log1p(-torch.pow(1 - a, ema.count[idx] + 1))
+        rule = torch.stack([la, lk], 1).to(h.dtype)
+        params = self._params(pair_index, h.dtype)
+        loss, t_joint, lme = _pair_stats_mine_loss(h, *params, perms, pairs, ct, -ct, rule, math.log(a))
+        ema.update(lme, pair_index)
+        est = t_joint - lme
+        self._record(est, pair_index)
         return est, loss
 
     def penalty(self, h: torch.Tensor, labels: torch.Tensor | None = None, pair_index: torch.Tensor | None = None,

@@ -215,13 +215,7 @@ def pair_stats_linear(h, wa, wb, b, v, c, perms, coef_t, coef_lme, pairs=None, *
             )
     # The one pass: the CPU kernel, unless R needs pair_stats's grouped calls. Everything else
     # (including backend="fused" without a kernel, which pair_stats reports) goes through pair_stats.
-    one_pass = (
-        backend != "reference"
-        and h.device.type == "cpu"
-        and fused_available("cpu")
-        and _rows_per_call(h.shape[0], h.shape[1], perms.shape[0], h.element_size()) >= perms.shape[0]
-    )
-    if not one_pass:
+    if not _one_pass_applies(h, perms, backend):
         t_joint, lme = pair_stats(h, wa, wb, b, v, c, perms, pairs, backend=backend)
         loss = (coef_t * t_joint).sum() + (coef_lme * lme).sum()
         return loss, t_joint.detach(), lme.detach()
@@ -239,13 +233,15 @@ class _PairStatsLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme):
+    def forward(ctx, h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, ema=None, log_a=0.0):
+        # ema, log_a: MINE's moving-average rule (_pair_stats_mine_loss); the gradients are then
+        # those of the loss with coef_lme[p] * exp(lme[p] - log_avg[p]) in place of coef_lme[p].
         need_h = bool(ctx.needs_input_grad[0])
         need_params = any(ctx.needs_input_grad[1:6])
+        ctx.ema, ctx.log_a = ema, log_a
         if need_h or need_params:
-            t_joint, lme, *grads = torch.ops.mmim_ext.pair_stats_fwd_bwd(
-                coef_t, coef_lme, h, wa, wb, b, v, c, perms, pairs, need_h, need_params
-            )
+            t_joint, lme, *grads = _one_pass(coef_t, coef_lme, ema, log_a, h, wa, wb, b, v, c, perms, pairs,
+                                             need_h, need_params)
         else:
             t_joint, lme = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
             grads = None
@@ -265,16 +261,47 @@ class _PairStatsLinear(torch.autograd.Function):
         if need_h or need_params:
             grads, ctx.grads = ctx.grads, None
             if grads is None:  # not the first backward through this graph
-                _, _, *grads = torch.ops.mmim_ext.pair_stats_fwd_bwd(
-                    coef_t, coef_lme, h, wa, wb, b, v, c, perms, pairs, need_h, need_params
-                )
+                _, _, *grads = _one_pass(coef_t, coef_lme, ctx.ema, ctx.log_a, h, wa, wb, b, v, c, perms, pairs,
+                                         need_h, need_params)
             unit = bool(grad_loss == 1)
             wanted = (need_h,) + (need_params,) * 5
             out = [(g if unit else g.mul_(grad_loss)) if need else None for g, need in zip(grads, wanted)]
             del grads
         gct = t_joint * grad_loss if ctx.needs_input_grad[8] else None
         gcl = lme * grad_loss if ctx.needs_input_grad[9] else None
-        return (*out, None, None, gct, gcl)
+        return (*out, None, None, gct, gcl, None, None)
+
+
+def _one_pass(coef_t, coef_lme, ema, log_a, h, wa, wb, b, v, c, perms, pairs, need_h, need_params):
+    if ema is None:
+        return torch.ops.mmim_ext.pair_stats_fwd_bwd(coef_t, coef_lme, h, wa, wb, b, v, c, perms, pairs, need_h,
+                                                     need_params)
+    return torch.ops.mmim_ext.pair_stats_fwd_bwd_mine(coef_t, coef_lme, ema, log_a, h, wa, wb, b, v, c, perms, pairs,
+                                                      need_h, need_params)
+
+
+def _one_pass_applies(h, perms, backend: str) -> bool:
+    """Whether pair_stats_linear's one pass runs (the CPU kernel, R within one fused call)."""
+    return (
+        backend != "reference"
+        and h.device.type == "cpu"
+        and fused_available("cpu")
+        and _rows_per_call(h.shape[0], h.shape[1], perms.shape[0], h.element_size()) >= perms.shape[0]
+    )
+
+
+def _pair_stats_mine_loss(h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, ema, log_a: float):
+    """MINE's loss with its moving-average gradient, in the one pass (the caller checked
+    :func:`_one_pass_applies` and the arguments, as :func:`pair_stats_linear` does).
+
+    ``loss = sum_p coef_t[p] t_joint[p] + coef_lme[p] lme[p]`` whose gradients are taken with
+    ``coef_lme[p] * exp(lme[p] - log_avg[p])`` in place of ``coef_lme[p]``, ``log_avg[p] =
+    logaddexp(ema[p, 0], log_a + lme[p]) - ema[p, 1]`` (see ``mmim_ext.estimators._mine_loss``).
+    Returns ``(loss, t_joint, lme)``; the caller folds ``lme`` into its average.
+    """
+    if not torch.compiler.is_compiling():
+        _check_values(h, perms, pairs)
+    return _PairStatsLinear.apply(h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, ema, float(log_a))
 
 
 @torch.compiler.assume_constant_result  # a plain int for the tracer (thread count at trace time)
@@ -361,5 +388,10 @@ if _extension.extension_loaded():
     torch.library.register_fake("mmim_ext::pair_stats_fwd")(_fake_fwd)
     torch.library.register_fake("mmim_ext::pair_stats_bwd")(_fake_bwd)
     torch.library.register_fake("mmim_ext::pair_stats_fwd_bwd")(_fake_fwd_bwd)
+
+    @torch.library.register_fake("mmim_ext::pair_stats_fwd_bwd_mine")
+    def _fake_fwd_bwd_mine(grad_t, grad_lme, ema, log_a, h, wa, wb, b, v, c, perms, pairs, need_h=True,
+                           need_params=True):
+        return _fake_fwd_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, need_h, need_params)
     torch.library.register_autograd("mmim_ext::pair_stats_fwd", _backward, setup_context=_setup_context)
     torch.library.register_autograd("mmim_ext::pair_stats_bwd", _double_backward, setup_context=_bwd_setup_context)

@@ -165,7 +165,8 @@ class MMIMRegularizer(nn.Module):
             _, val = critic.penalty(h, lab, index, coef=scale)
             loss = None
         elif self.mode == "pairwise":
-            est, loss = critic(h, lab, index, compute_loss=compute_loss)
+            # A critic update: one pass of the fused op where it applies (critic_loss).
+            est, loss = critic.critic_loss(h, lab, index)
             val = est.sum() * scale
         else:
             val, loss = critic(h, lab, compute_loss=compute_loss)

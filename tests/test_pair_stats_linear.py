@@ -220,3 +220,53 @@ def test_second_backward_through_the_same_graph_recomputes():
     want = _autograd(inputs, ct, cl)[3]
     for name, g in zip(NAMES, first):
         torch.testing.assert_close(g, 2.0 * want[name], **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------------------------------------
+# pair_stats_fwd_bwd_mine: the one pass with MINE's moving-average rule for lme's gradient
+
+
+def _mine_rule(P, dtype, seed=21):
+    g = torch.Generator().manual_seed(seed)
+    la = torch.randn(P, generator=g, dtype=torch.float64)
+    la[0] = -float("inf")  # a pair's first batch
+    lk = torch.log(torch.rand(P, generator=g, dtype=torch.float64) * 0.9 + 0.05)
+    return torch.stack([la, lk], 1).to(dtype)
+
+
+@requires_fused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared", [False, True])
+def test_mine_rule_equals_the_linear_one_pass_with_the_ratio(dtype, shared):
+    # The op's gradients are pair_stats_fwd_bwd's with grad_lme[p] times
+    # exp(lme[p] - logaddexp(ema[p, 0], log_a + lme[p]) + ema[p, 1]), the ratio formed from the
+    # lme the pass computes.
+    h, wa, wb, b, v, c, perms, pairs = make_inputs(10, 4, 3, 2, shared=shared, dtype=dtype, seed=5)
+    P = 6
+    ct, cl = _coefs(P, dtype, "cpu")
+    rule, log_a = _mine_rule(P, dtype), -4.6
+    got = torch.ops.mmim_ext.pair_stats_fwd_bwd_mine(ct, cl, rule, log_a, h, wa, wb, b, v, c, perms, pairs)
+    t, lme = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+    ratio = (lme + rule[:, 1] - torch.logaddexp(rule[:, 0], lme + log_a)).exp()
+    want = torch.ops.mmim_ext.pair_stats_fwd_bwd(ct, cl * ratio, h, wa, wb, b, v, c, perms, pairs)
+    tol = TOL[dtype]
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, **tol), (x, y)
+    assert not torch.allclose(ratio, torch.ones_like(ratio))
+
+
+@requires_fused
+def test_mine_rule_opcheck_and_bad_rule():
+    h, wa, wb, b, v, c, perms, _ = make_inputs(6, 4, 3, 2, shared=False)
+    ct, cl = _coefs(6, torch.float64, "cpu")
+    rule = _mine_rule(6, torch.float64)
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(
+            torch.ops.mmim_ext.pair_stats_fwd_bwd_mine.default,
+            (ct, cl, rule, -2.3, h, wa, wb, b, v, c, perms, None, *need),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+        )
+    with pytest.raises(RuntimeError, match="'ema' must be a \\[P, 2\\] tensor"):
+        torch.ops.mmim_ext.pair_stats_fwd_bwd_mine(ct, cl, rule[:-1], -2.3, h, wa, wb, b, v, c, perms, None)
+    with pytest.raises(RuntimeError, match="'log_a' must be finite and <= 0"):
+        torch.ops.mmim_ext.pair_stats_fwd_bwd_mine(ct, cl, rule, 0.5, h, wa, wb, b, v, c, perms, None)

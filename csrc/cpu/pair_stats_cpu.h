@@ -39,6 +39,10 @@ struct PairStatsCpuArgs {
   int64_t B, Bp, m, P, K, R;
   int64_t pstride;        // K (one critic per pair) or 0 (shared)
   int64_t cstride;        // 1 or 0
+  // The one pass only: nullptr, or [P][2] per-pair (la, lk) of MINE's moving average, which makes
+  // the upstream gradient of lme grad_lme[p] * math::mine_ema_ratio(lme[p], la, lk, ema_log_a).
+  const T* ema = nullptr;
+  T ema_log_a = T(0);
 };
 
 template <typename T>

@@ -5,11 +5,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/logaddexp.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -287,7 +289,8 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
                    const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v,
                    const at::Tensor& c, const at::Tensor& perms, const c10::optional<at::Tensor>& pairs,
-                   const at::Tensor* lme, bool need_h, bool need_params, at::Tensor* t_out, at::Tensor* lme_out) {
+                   const at::Tensor* lme, bool need_h, bool need_params, at::Tensor* t_out, at::Tensor* lme_out,
+                   const at::Tensor* ema = nullptr, double ema_log_a = 0.0) {
   const Staged st = stage(h, wa, wb, b, v, c, perms, pairs);
   const PairStatsSizes& s = st.s;
   TORCH_INTERNAL_ASSERT(t_out == nullptr || need_h || need_params, "the one pass needs a gradient to compute");
@@ -303,6 +306,16 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
                 op, ": ", lme != nullptr ? "gradients and lme" : "grad_t_joint and grad_lme",
                 " must be [P] tensors in h's dtype with P=", s.P, ", got ", t->sizes(), " ", t->scalar_type());
   }
+  TORCH_INTERNAL_ASSERT(ema == nullptr || t_out != nullptr, "the moving-average rule needs the one pass");
+  if (ema != nullptr) {
+    TORCH_CHECK(ema->dim() == 2 && ema->size(0) == s.P && ema->size(1) == 2 &&
+                    ema->scalar_type() == h.scalar_type() && ema->device() == h.device(),
+                op, ": 'ema' must be a [P, 2] tensor in h's dtype with P=", s.P, ", got ", ema->sizes(), " ",
+                ema->scalar_type());
+    TORCH_CHECK(std::isfinite(ema_log_a) && ema_log_a <= 0.0, op, ": 'log_a' must be finite and <= 0, got ",
+                ema_log_a);
+  }
+  const at::Tensor ema_c = ema != nullptr ? ema->contiguous() : at::Tensor();
   const at::Tensor gt_c = grad_t.contiguous(), gl_c = grad_lme.contiguous();
   const at::Tensor lme_c = lme != nullptr ? lme->contiguous() : at::Tensor();
   const int64_t B = s.B, Bp = st.Bp, m = s.m, K = s.K, R = s.R;
@@ -318,12 +331,18 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
   };
   at::Tensor gwa = make_grad(), gwb = make_grad(), gb = make_grad(), gv = make_grad();
   at::Tensor gc = none();
-  if (need_params) gc = s.shared ? gt_c.sum().add(gl_c.sum()) : gt_c.add(gl_c);  // d t_joint / d c = d lme / d c = 1
+  // d t_joint / d c = d lme / d c = 1 (with the moving-average rule the lme's upstream gradient is
+  // only known after the pass: below).
+  if (need_params && ema == nullptr) gc = s.shared ? gt_c.sum().add(gl_c.sum()) : gt_c.add(gl_c);
   if (!need_h && !need_params) return {grad_h, gwa, gwb, gb, gv, gc};
 
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pair_stats_bwd_cpu", [&] {
     using T = scalar_t;
-    const PairStatsCpuArgs<T> g = make_args<T>(st);
+    PairStatsCpuArgs<T> g = make_args<T>(st);
+    if (ema != nullptr) {
+      g.ema = ema_c.data_ptr<T>();
+      g.ema_log_a = static_cast<T>(ema_log_a);
+    }
     // Per-part gradient buffers (for_each_part): for hT and hP ([1+R][m][Bp]) and for a shared
     // critic ([4][K]). Summed after the parallel region, in parallel over units, in a fixed order
     // (deterministic).
@@ -386,6 +405,13 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
       gv.copy_(red[3]);
     }
   });
+  if (need_params && ema != nullptr) {
+    // The same rule as the kernel's (math::mine_ema_ratio), on the pass's lme.
+    const at::Tensor la = ema_c.select(1, 0), lk = ema_c.select(1, 1);
+    const at::Tensor ratio = lme_out->add(lk).sub(at::logaddexp(la, lme_out->add(ema_log_a))).exp();
+    const at::Tensor glr = gl_c.mul(ratio);
+    gc = s.shared ? gt_c.sum().add(glr.sum()) : gt_c.add(glr);
+  }
   return {grad_h, gwa, gwb, gb, gv, gc};
 }
 
@@ -416,11 +442,25 @@ pair_stats_fwd_bwd_cpu(const at::Tensor& grad_t, const at::Tensor& grad_lme, con
   return {t, l, std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g), std::get<5>(g)};
 }
 
+// pair_stats_fwd_bwd with MINE's moving-average rule for the upstream gradient of lme.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+pair_stats_fwd_bwd_mine_cpu(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& ema,
+                            double log_a, const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb,
+                            const at::Tensor& b, const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
+                            const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
+  TORCH_CHECK(need_h || need_params, "pair_stats_fwd_bwd_mine: at least one of need_h, need_params must be true");
+  at::Tensor t, l;
+  const Grads g = backward_cpu("pair_stats_fwd_bwd_mine", grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs,
+                               nullptr, need_h, need_params, &t, &l, &ema, log_a);
+  return {t, l, std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g), std::get<5>(g)};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace mmim_ext
 
 TORCH_LIBRARY_IMPL(mmim_ext, CPU, m) {
+  m.impl("pair_stats_fwd_bwd_mine", &mmim_ext::cpu::pair_stats_fwd_bwd_mine_cpu);
   m.impl("pair_stats_fwd", &mmim_ext::cpu::pair_stats_fwd_cpu);
   m.impl("pair_stats_bwd", &mmim_ext::cpu::pair_stats_bwd_cpu);
   m.impl("pair_stats_fwd_bwd", &mmim_ext::cpu::pair_stats_fwd_bwd_cpu);
