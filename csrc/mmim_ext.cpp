@@ -6,8 +6,10 @@
 #include <Python.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/logaddexp.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 // A module with no methods: `import mmim_ext._C` loads the shared library and its static
@@ -39,7 +41,7 @@ TORCH_LIBRARY(mmim_ext, m) {
       "pair_stats_fwd_bwd(Tensor grad_t_joint, Tensor grad_lme, Tensor h, Tensor wa, Tensor wb, "
       "Tensor b, Tensor v, Tensor c, Tensor perms, Tensor? pairs, bool need_h=True, "
       "bool need_params=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // pair_stats_fwd_bwd for MINE's bias-corrected loss (CPU only): the upstream gradient of lme[p]
+  // pair_stats_fwd_bwd for MINE's bias-corrected loss: the upstream gradient of lme[p]
   // is grad_lme[p] * exp(lme[p] - log_avg[p]), log_avg the moving average of E_Q[e^T] after folding
   // in this lme: logaddexp(ema[p, 0], log_a + lme[p]) - ema[p, 1] (math::mine_ema_ratio), known
   // only once the pass has formed lme; the caller updates its average from the returned lme.
@@ -57,34 +59,67 @@ TORCH_LIBRARY(mmim_ext, m) {
 
 namespace {
 
-// pair_stats_fwd_bwd on CUDA: the forward op, then the backward op with its lme (their CUDA
-// kernels, through the dispatcher). The CPU registers its one-pass kernel (csrc/cpu/). Registered
-// here rather than in csrc/cuda/ because it needs no CUDA code; a build without CUDA registers it
-// too, where it is never reached (no CUDA tensors).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-pair_stats_fwd_bwd_two_ops(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
-                             const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b, const at::Tensor& v,
-                             const at::Tensor& c, const at::Tensor& perms, const c10::optional<at::Tensor>& pairs,
-                             bool need_h, bool need_params) {
+// pair_stats_fwd_bwd and pair_stats_fwd_bwd_mine on CUDA: the forward op, then the backward op
+// with its lme (their CUDA kernels, through the dispatcher). The CPU registers its one-pass
+// kernels (csrc/cpu/). Registered here rather than in csrc/cuda/ because they need no CUDA code;
+// a build without CUDA registers them too, where they are never reached (no CUDA tensors).
+using EightTensors =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb,
+                                            const at::Tensor& b, const at::Tensor& v, const at::Tensor& c,
+                                            const at::Tensor& perms, const c10::optional<at::Tensor>& pairs) {
   static auto fwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("mmim_ext::pair_stats_fwd", "")
                         .typed<std::tuple<at::Tensor, at::Tensor>(
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const c10::optional<at::Tensor>&)>();
+  return fwd.call(h, wa, wb, b, v, c, perms, pairs);
+}
+
+EightTensors call_bwd(const at::Tensor& t, const at::Tensor& l, const at::Tensor& grad_t, const at::Tensor& grad_lme,
+                      const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
+                      const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
+                      const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
   static auto bwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("mmim_ext::pair_stats_bwd", "")
                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, bool, bool)>();
-  auto [t, l] = fwd.call(h, wa, wb, b, v, c, perms, pairs);
   auto [gh, gwa, gwb, gb, gv, gc] = bwd.call(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, l, need_h, need_params);
   return {t, l, gh, gwa, gwb, gb, gv, gc};
+}
+
+EightTensors pair_stats_fwd_bwd_two_ops(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
+                                        const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
+                                        const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
+                                        const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
+  auto [t, l] = call_fwd(h, wa, wb, b, v, c, perms, pairs);
+  return call_bwd(t, l, grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, need_h, need_params);
+}
+
+// The rule of math::mine_ema_ratio on the forward's lme, applied to grad_lme before the backward.
+EightTensors pair_stats_fwd_bwd_mine_two_ops(const at::Tensor& grad_t, const at::Tensor& grad_lme,
+                                             const at::Tensor& ema, double log_a, const at::Tensor& h,
+                                             const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
+                                             const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
+                                             const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
+  TORCH_CHECK(std::isfinite(log_a) && log_a <= 0.0, "pair_stats_fwd_bwd_mine: 'log_a' must be finite and <= 0, got ",
+              log_a);
+  auto [t, l] = call_fwd(h, wa, wb, b, v, c, perms, pairs);
+  TORCH_CHECK(ema.dim() == 2 && ema.size(0) == l.size(0) && ema.size(1) == 2 &&
+                  ema.scalar_type() == h.scalar_type() && ema.device() == h.device(),
+              "pair_stats_fwd_bwd_mine: 'ema' must be a [P, 2] tensor in h's dtype with P=", l.size(0), ", got ",
+              ema.sizes(), " ", ema.scalar_type());
+  const at::Tensor ratio = l.add(ema.select(1, 1)).sub(at::logaddexp(ema.select(1, 0), l.add(log_a))).exp();
+  return call_bwd(t, l, grad_t, grad_lme.mul(ratio), h, wa, wb, b, v, c, perms, pairs, need_h, need_params);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmim_ext, CUDA, m) {
   m.impl("pair_stats_fwd_bwd", &pair_stats_fwd_bwd_two_ops);
+  m.impl("pair_stats_fwd_bwd_mine", &pair_stats_fwd_bwd_mine_two_ops);
 }

@@ -235,31 +235,36 @@ def _mine_rule(P, dtype, seed=21):
 
 
 @requires_fused
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shared", [False, True])
-def test_mine_rule_equals_the_linear_one_pass_with_the_ratio(dtype, shared):
+def test_mine_rule_equals_the_linear_one_pass_with_the_ratio(dtype, shared, device):
     # The op's gradients are pair_stats_fwd_bwd's with grad_lme[p] times
     # exp(lme[p] - logaddexp(ema[p, 0], log_a + lme[p]) + ema[p, 1]), the ratio formed from the
-    # lme the pass computes.
-    h, wa, wb, b, v, c, perms, pairs = make_inputs(10, 4, 3, 2, shared=shared, dtype=dtype, seed=5)
+    # lme the pass computes; the expected values come from the CPU ops (on CUDA the op runs the
+    # forward and backward kernels with the ratio applied between them).
+    inputs = make_inputs(10, 4, 3, 2, shared=shared, dtype=dtype, seed=5)
+    h, wa, wb, b, v, c, perms, pairs = inputs
     P = 6
     ct, cl = _coefs(P, dtype, "cpu")
     rule, log_a = _mine_rule(P, dtype), -4.6
-    got = torch.ops.mmim_ext.pair_stats_fwd_bwd_mine(ct, cl, rule, log_a, h, wa, wb, b, v, c, perms, pairs)
+    on = [None if x is None else x.to(device) for x in (ct, cl, rule, *inputs)]
+    got = torch.ops.mmim_ext.pair_stats_fwd_bwd_mine(*on[:3], log_a, *on[3:])
     t, lme = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
     ratio = (lme + rule[:, 1] - torch.logaddexp(rule[:, 0], lme + log_a)).exp()
     want = torch.ops.mmim_ext.pair_stats_fwd_bwd(ct, cl * ratio, h, wa, wb, b, v, c, perms, pairs)
     tol = TOL[dtype]
     for x, y in zip(got, want):
-        assert torch.allclose(x, y, **tol), (x, y)
+        assert torch.allclose(x.cpu(), y, **tol), (x, y)
     assert not torch.allclose(ratio, torch.ones_like(ratio))
 
 
 @requires_fused
-def test_mine_rule_opcheck_and_bad_rule():
-    h, wa, wb, b, v, c, perms, _ = make_inputs(6, 4, 3, 2, shared=False)
-    ct, cl = _coefs(6, torch.float64, "cpu")
-    rule = _mine_rule(6, torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_mine_rule_opcheck_and_bad_rule(device):
+    h, wa, wb, b, v, c, perms, _ = make_inputs(6, 4, 3, 2, shared=False, device=device)
+    ct, cl = _coefs(6, torch.float64, device)
+    rule = _mine_rule(6, torch.float64).to(device)
     for need in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(
             torch.ops.mmim_ext.pair_stats_fwd_bwd_mine.default,
