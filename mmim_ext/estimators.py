@@ -420,6 +420,10 @@ class PairwiseMINE(nn.Module):
             est = _nwj(t_joint, lme) if self.estimator == "nwj" else t_joint - lme
             self._record(est, pair_index)
             return est, None
+        return self._loss(h, perms, pairs, pair_index)
+
+    def _loss(self, h, perms, pairs, pair_index):
+        """forward's ``(estimates, loss)`` on prepared features and drawn negatives."""
         if self.estimator == "smile":
             est, loss = self._smile(h, perms, pairs, pair_index)
         else:
@@ -449,12 +453,7 @@ class PairwiseMINE(nn.Module):
         h, pairs = self._prepare(h, labels, pair_index)
         perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
         if not _one_pass_applies(h, perms, self.backend):
-            # the general path, with these negatives
-            t_joint, lme = self.pair_statistics(h, perms, pair_index)
-            est = t_joint - lme
-            loss = _mine_loss(t_joint, lme, self._ema, pair_index, self.training)
-            self._record(est, pair_index)
-            return est, loss.sum() if self.per_pair else loss.mean()
+            return self._loss(h, perms, pairs, pair_index)  # the general path, with these negatives
         P = pairs.shape[0]
         scale = 1.0 if self.per_pair else 1.0 / P
         ct = torch.full((P,), -scale, dtype=h.dtype, device=h.device)
