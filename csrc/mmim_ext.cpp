@@ -4,13 +4,7 @@
 // There is no pybind module: importing mmim_ext._C only loads this library, which runs the
 // registrations (the pattern of pytorch/extension-cpp).
 #include <Python.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/logaddexp.h>
 #include <torch/library.h>
-
-#include <cmath>
-#include <tuple>
 
 // A module with no methods: `import mmim_ext._C` loads the shared library and its static
 // registrations. PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.
@@ -55,71 +49,4 @@ TORCH_LIBRARY(mmim_ext, m) {
   // out[n] = log sum_l exp(-scale * ||x_n - y_l||^2); the backward takes the forward's out.
   m.def("kde_lse(Tensor x, Tensor y, float scale) -> Tensor");
   m.def("kde_lse_bwd(Tensor grad_out, Tensor x, Tensor y, float scale, Tensor out) -> (Tensor, Tensor)");
-}
-
-namespace {
-
-// pair_stats_fwd_bwd and pair_stats_fwd_bwd_mine on CUDA: the forward op, then the backward op
-// with its lme (their CUDA kernels, through the dispatcher). The CPU registers its one-pass
-// kernels (csrc/cpu/). Registered here rather than in csrc/cuda/ because they need no CUDA code;
-// a build without CUDA registers them too, where they are never reached (no CUDA tensors).
-using EightTensors =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb,
-                                            const at::Tensor& b, const at::Tensor& v, const at::Tensor& c,
-                                            const at::Tensor& perms, const c10::optional<at::Tensor>& pairs) {
-  static auto fwd = c10::Dispatcher::singleton()
-                        .findSchemaOrThrow("mmim_ext::pair_stats_fwd", "")
-                        .typed<std::tuple<at::Tensor, at::Tensor>(
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const c10::optional<at::Tensor>&)>();
-  return fwd.call(h, wa, wb, b, v, c, perms, pairs);
-}
-
-EightTensors call_bwd(const at::Tensor& t, const at::Tensor& l, const at::Tensor& grad_t, const at::Tensor& grad_lme,
-                      const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
-                      const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
-                      const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
-  static auto bwd = c10::Dispatcher::singleton()
-                        .findSchemaOrThrow("mmim_ext::pair_stats_bwd", "")
-                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, bool, bool)>();
-  auto [gh, gwa, gwb, gb, gv, gc] = bwd.call(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, l, need_h, need_params);
-  return {t, l, gh, gwa, gwb, gb, gv, gc};
-}
-
-EightTensors pair_stats_fwd_bwd_two_ops(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
-                                        const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
-                                        const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
-                                        const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
-  auto [t, l] = call_fwd(h, wa, wb, b, v, c, perms, pairs);
-  return call_bwd(t, l, grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, need_h, need_params);
-}
-
-// The rule of math::mine_ema_ratio on the forward's lme, applied to grad_lme before the backward.
-EightTensors pair_stats_fwd_bwd_mine_two_ops(const at::Tensor& grad_t, const at::Tensor& grad_lme,
-                                             const at::Tensor& ema, double log_a, const at::Tensor& h,
-                                             const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
-                                             const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
-                                             const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
-  TORCH_CHECK(std::isfinite(log_a) && log_a <= 0.0, "pair_stats_fwd_bwd_mine: 'log_a' must be finite and <= 0, got ",
-              log_a);
-  auto [t, l] = call_fwd(h, wa, wb, b, v, c, perms, pairs);
-  TORCH_CHECK(ema.dim() == 2 && ema.size(0) == l.size(0) && ema.size(1) == 2 &&
-                  ema.scalar_type() == h.scalar_type() && ema.device() == h.device(),
-              "pair_stats_fwd_bwd_mine: 'ema' must be a [P, 2] tensor in h's dtype with P=", l.size(0), ", got ",
-              ema.sizes(), " ", ema.scalar_type());
-  const at::Tensor ratio = l.add(ema.select(1, 1)).sub(at::logaddexp(ema.select(1, 0), l.add(log_a))).exp();
-  return call_bwd(t, l, grad_t, grad_lme.mul(ratio), h, wa, wb, b, v, c, perms, pairs, need_h, need_params);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mmim_ext, CUDA, m) {
-  m.impl("pair_stats_fwd_bwd", &pair_stats_fwd_bwd_two_ops);
-  m.impl("pair_stats_fwd_bwd_mine", &pair_stats_fwd_bwd_mine_two_ops);
 }

@@ -168,22 +168,31 @@ def test_penalty_matches_the_frozen_forward(estimator, per_pair, subset, conditi
         mod.penalty(h, coef=float("nan"))
 
 
-@pytest.mark.parametrize("estimator, training", [("mine", True), ("mine", False), ("nwj", True)])
+@pytest.mark.parametrize("estimator, training, backend", [("mine", True, "auto"), ("mine", False, "auto"),
+                                                         ("nwj", True, "auto"), ("mine", True, "reference")])
 @pytest.mark.parametrize("per_pair", [True, False])
 @pytest.mark.parametrize("subset", [False, True])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_critic_loss_matches_forward(estimator, training, per_pair, subset, conditional):
-    # critic_loss() (for "mine" in training mode the one pass with the moving-average rule)
-    # against forward() over three updates: loss, estimates, every critic gradient and the
-    # moving average's state.
+def test_critic_loss_matches_forward(estimator, training, backend, per_pair, subset, conditional, monkeypatch):
+    # critic_loss() (for "mine" in training mode on the kernel the one pass with the
+    # moving-average rule; with the reference backend the general path, forward's loss with the
+    # negatives critic_loss drew) against forward() over three updates: loss, estimates, every
+    # critic gradient and the moving average's state.
     import copy
 
+    from mmim_ext import estimators
+
+    one_pass = estimator == "mine" and training and backend != "reference" and FUSED
+    calls = []
+    real = estimators._pair_stats_mine_loss
+    monkeypatch.setattr(estimators, "_pair_stats_mine_loss", lambda *a: calls.append(1) or real(*a))
     B, m = 40, 5
     g = torch.Generator().manual_seed(6)
     labels = torch.arange(B) % 3 if conditional else None
     idx = torch.tensor([7, 0, 4]) if subset else None
     torch.manual_seed(0)
-    ref = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator).double().train(training)
+    ref = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator, backend=backend)
+    ref = ref.double().train(training)
     mod = copy.deepcopy(ref)
     for step in range(3):
         h = torch.randn(B, m, generator=g, dtype=torch.float64)
@@ -202,6 +211,7 @@ def test_critic_loss_matches_forward(estimator, training, per_pair, subset, cond
         for b0, b1 in zip(ref.buffers(), mod.buffers()):
             assert torch.equal(b0.isfinite(), b1.isfinite())
             assert torch.allclose(b1[b1.isfinite()], b0[b0.isfinite()], rtol=1e-12, atol=1e-12)
+    assert len(calls) == (3 if one_pass else 0)  # the path the case names ran
 
 
 @pytest.mark.skipif(not FUSED, reason="compiled extension not built")

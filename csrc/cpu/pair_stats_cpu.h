@@ -40,9 +40,11 @@ struct PairStatsCpuArgs {
   int64_t pstride;        // K (one critic per pair) or 0 (shared)
   int64_t cstride;        // 1 or 0
   // The one pass only: nullptr, or [P][2] per-pair (la, lk) of MINE's moving average, which makes
-  // the upstream gradient of lme grad_lme[p] * math::mine_ema_ratio(lme[p], la, lk, ema_log_a).
+  // the upstream gradient of lme grad_lme[p] * math::mine_ema_ratio(lme[p], la, lk, ema_log_a);
+  // the pass writes that factor to ema_ratio[p] ([P]; the driver needs it for c's gradient).
   const T* ema = nullptr;
   T ema_log_a = T(0);
+  T* ema_ratio = nullptr;
 };
 
 template <typename T>

@@ -632,7 +632,11 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
         const T lme0 = math::lse_finish_mean(st, static_cast<T>(R * g.B));
         t_out[p] = cp + detail::range_sum(s.dsum, g.B) / static_cast<T>(g.B);
         lme_out[p] = cp + lme0;
-        if (g.ema != nullptr) gl *= math::mine_ema_ratio(cp + lme0, g.ema[2 * p], g.ema[2 * p + 1], g.ema_log_a);
+        if (g.ema != nullptr) {
+          const T ratio = math::mine_ema_ratio(cp + lme0, g.ema[2 * p], g.ema[2 * p + 1], g.ema_log_a);
+          g.ema_ratio[p] = ratio;
+          gl *= ratio;
+        }
         for (int64_t r = 0; r < R; ++r) {
           T* w = s.wm + r * Bp;
           const V scale(math::marginal_weight_scale(wmax[r], lme0, gl));

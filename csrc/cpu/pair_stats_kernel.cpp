@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/logaddexp.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -316,6 +315,8 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
                 ema_log_a);
   }
   const at::Tensor ema_c = ema != nullptr ? ema->contiguous() : at::Tensor();
+  // The pass's per-pair factor of the moving-average rule (PairStatsCpuArgs::ema_ratio).
+  const at::Tensor ema_ratio = ema != nullptr ? at::empty({s.P}, h.options()) : at::Tensor();
   const at::Tensor gt_c = grad_t.contiguous(), gl_c = grad_lme.contiguous();
   const at::Tensor lme_c = lme != nullptr ? lme->contiguous() : at::Tensor();
   const int64_t B = s.B, Bp = st.Bp, m = s.m, K = s.K, R = s.R;
@@ -342,6 +343,7 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
     if (ema != nullptr) {
       g.ema = ema_c.data_ptr<T>();
       g.ema_log_a = static_cast<T>(ema_log_a);
+      g.ema_ratio = ema_ratio.data_ptr<T>();
     }
     // Per-part gradient buffers (for_each_part): for hT and hP ([1+R][m][Bp]) and for a shared
     // critic ([4][K]). Summed after the parallel region, in parallel over units, in a fixed order
@@ -406,10 +408,8 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
     }
   });
   if (need_params && ema != nullptr) {
-    // The same rule as the kernel's (math::mine_ema_ratio), on the pass's lme.
-    const at::Tensor la = ema_c.select(1, 0), lk = ema_c.select(1, 1);
-    const at::Tensor ratio = lme_out->add(lk).sub(at::logaddexp(la, lme_out->add(ema_log_a))).exp();
-    const at::Tensor glr = gl_c.mul(ratio);
+    // d lme / d c = 1, times lme's upstream gradient with the pass's factor of the rule.
+    const at::Tensor glr = gl_c.mul(ema_ratio);
     gc = s.shared ? gt_c.sum().add(glr.sum()) : gt_c.add(glr);
   }
   return {grad_h, gwa, gwb, gb, gv, gc};

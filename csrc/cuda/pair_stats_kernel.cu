@@ -49,8 +49,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 
 #include "pair_stats.h"
 #include "pair_stats_math.h"
@@ -438,6 +440,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// out[p] = grad_lme[p] * math::mine_ema_ratio(lme[p], ema[p][0], ema[p][1], log_a): MINE's
+// moving-average rule for the upstream gradient of lme (the CPU's one pass applies the same
+// function per pair).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    mine_ema_grad_kernel(const T* __restrict__ grad_lme, const T* __restrict__ lme, const T* __restrict__ ema,
+                         T log_a, int64_t P, T* __restrict__ out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < P; p += stride)
+    out[p] = grad_lme[p] * math::mine_ema_ratio(lme[p], ema[2 * p], ema[2 * p + 1], log_a);
+}
+
 // ---- host side -----------------------------------------------------------------------------
 
 // Blocks for `warps` warps, capped for grid-stride loops.
@@ -589,6 +603,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grad_h, gwa, gwb, gb, gv, gc};
 }
 
+using EightTensors =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+EightTensors with_stats(const at::Tensor& t, const at::Tensor& l,
+                        std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> g) {
+  auto [gh, gwa, gwb, gb, gv, gc] = std::move(g);
+  return {t, l, gh, gwa, gwb, gb, gv, gc};
+}
+
+// pair_stats_fwd_bwd on CUDA: the forward, then the backward with its lme (no one-pass kernel
+// here; the CPU has one).
+EightTensors pair_stats_fwd_bwd_cuda(const at::Tensor& grad_t, const at::Tensor& grad_lme, const at::Tensor& h,
+                                     const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
+                                     const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
+                                     const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
+  auto [t, l] = pair_stats_fwd_cuda(h, wa, wb, b, v, c, perms, pairs);
+  return with_stats(t, l, pair_stats_bwd_cuda(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, l, need_h,
+                                               need_params));
+}
+
+// pair_stats_fwd_bwd_mine on CUDA: the forward, mine_ema_grad_kernel on its lme, the backward.
+EightTensors pair_stats_fwd_bwd_mine_cuda(const at::Tensor& grad_t, const at::Tensor& grad_lme,
+                                          const at::Tensor& ema, double log_a, const at::Tensor& h,
+                                          const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
+                                          const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
+                                          const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
+  TORCH_CHECK(need_h || need_params, "pair_stats_fwd_bwd_mine: at least one of need_h, need_params must be true");
+  TORCH_CHECK(std::isfinite(log_a) && log_a <= 0.0, "pair_stats_fwd_bwd_mine: 'log_a' must be finite and <= 0, got ",
+              log_a);
+  const c10::cuda::CUDAGuard guard(h.device());
+  auto [t, l] = pair_stats_fwd_cuda(h, wa, wb, b, v, c, perms, pairs);
+  const int64_t P = l.size(0);
+  TORCH_CHECK(ema.dim() == 2 && ema.size(0) == P && ema.size(1) == 2 && ema.scalar_type() == h.scalar_type() &&
+                  ema.device() == h.device(),
+              "pair_stats_fwd_bwd_mine: 'ema' must be a [P, 2] tensor in h's dtype on h's device with P=", P,
+              ", got ", ema.sizes(), " ", ema.scalar_type(), " on ", ema.device());
+  TORCH_CHECK(grad_lme.dim() == 1 && grad_lme.size(0) == P && grad_lme.scalar_type() == h.scalar_type() &&
+                  grad_lme.device() == h.device(),
+              "pair_stats_fwd_bwd_mine: 'grad_lme' must be a [P] tensor in h's dtype on h's device with P=", P,
+              ", got ", grad_lme.sizes(), " ", grad_lme.scalar_type(), " on ", grad_lme.device());
+  const at::ScalarType acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor gl = grad_lme.to(acc).contiguous(), lm = l.to(acc).contiguous(), em = ema.to(acc).contiguous();
+  at::Tensor gl_rule = at::empty({P}, gl.options());
+  if (P > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "pair_stats_fwd_bwd_mine_cuda", [&] {
+      mine_ema_grad_kernel<scalar_t><<<blocks_for_warps((P + 31) / 32), kThreads, 0,
+                                       c10::cuda::getCurrentCUDAStream()>>>(
+          gl.data_ptr<scalar_t>(), lm.data_ptr<scalar_t>(), em.data_ptr<scalar_t>(), static_cast<scalar_t>(log_a), P,
+          gl_rule.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return with_stats(t, l, pair_stats_bwd_cuda(grad_t, gl_rule.to(h.scalar_type()), h, wa, wb, b, v, c, perms, pairs,
+                                               l, need_h, need_params));
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace mmim_ext
@@ -596,4 +666,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(mmim_ext, CUDA, m) {
   m.impl("pair_stats_fwd", &mmim_ext::cuda::pair_stats_fwd_cuda);
   m.impl("pair_stats_bwd", &mmim_ext::cuda::pair_stats_bwd_cuda);
+  m.impl("pair_stats_fwd_bwd", &mmim_ext::cuda::pair_stats_fwd_bwd_cuda);
+  m.impl("pair_stats_fwd_bwd_mine", &mmim_ext::cuda::pair_stats_fwd_bwd_mine_cuda);
 }
