@@ -444,25 +444,32 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
     else w0n = V::load(w0 + n);
     const V d0 = gate(u, bn0, w0n);
     if constexpr (kP) acc_b0 += d0 * bn0;
-    if constexpr (kH) (V::load(g0 + n) + d0 * cwb).store(g0 + n);
-    V D = d0;
+    V D = d0, d1;
     if constexpr (kTwo) {
       const V bn1 = V::load_reg(b1 + n);
-      const V d1 = gate(u, bn1, V::load(w1 + n));
+      d1 = gate(u, bn1, V::load(w1 + n));
       if constexpr (kP) acc_b1 += d1 * bn1;
-      if constexpr (kH) (V::load(g1 + n) + d1 * cwb).store(g1 + n);
       D += d1;
     }
     if constexpr (!kFirst) D += V::load(dsum + n);
-    if constexpr (kLast) {
-      if constexpr (kP) {
-        acc_a += D * an;
-        acc_1 += D;
-      }
-      if constexpr (kH) (V::load(ga + n) + D * cwa).store(ga + n);
-    } else {
-      D.store(dsum + n);
+    if constexpr (kLast && kP) {
+      acc_a += D * an;
+      acc_1 += D;
     }
+    // The gradient rows' loads before their stores: kernel_ab one pass B/A 0.94-0.99 against
+    // each row's load and store in turn (RESULTS.md §8 row 27). A sample's rows of g0 and g1 lie
+    // a multiple of 4 KiB apart, so a load after the other row's store may wait on that store's
+    // address check; that this is the cause is not shown.
+    if constexpr (kH) {
+      const V r0 = V::load(g0 + n) + d0 * cwb;
+      V r1, ra;
+      if constexpr (kTwo) r1 = V::load(g1 + n) + d1 * cwb;
+      if constexpr (kLast) ra = V::load(ga + n) + D * cwa;
+      r0.store(g0 + n);
+      if constexpr (kTwo) r1.store(g1 + n);
+      if constexpr (kLast) ra.store(ga + n);
+    }
+    if constexpr (!kLast) D.store(dsum + n);
   }
   acc.gb += acc_b0 + acc_b1;
   acc.ga += acc_a;
