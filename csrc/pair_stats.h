@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
+
 namespace mmim_ext {
 
 struct PairStatsSizes {
@@ -69,6 +71,17 @@ inline PairStatsSizes check_pair_stats_args(const at::Tensor& h, const at::Tenso
   TORCH_CHECK(perms.device() == h.device(), "pair_stats: 'perms' must be on h's device");
   s.R = perms.size(0);
   return s;
+}
+
+// The arguments of MINE's moving-average rule (op pair_stats_fwd_bwd_mine, every device): ema the
+// per-pair state [P, 2] in h's dtype on h's device, log_a = log of the average's rate.
+inline void check_mine_rule_args(const char* op, const at::Tensor& ema, double log_a, int64_t P,
+                                 const at::Tensor& h) {
+  TORCH_CHECK(ema.dim() == 2 && ema.size(0) == P && ema.size(1) == 2 && ema.scalar_type() == h.scalar_type() &&
+                  ema.device() == h.device(),
+              op, ": 'ema' must be a [P, 2] tensor in h's dtype on h's device with P=", P, ", got ", ema.sizes(), " ",
+              ema.scalar_type(), " on ", ema.device());
+  TORCH_CHECK(std::isfinite(log_a) && log_a <= 0.0, op, ": 'log_a' must be finite and <= 0, got ", log_a);
 }
 
 }  // namespace mmim_ext

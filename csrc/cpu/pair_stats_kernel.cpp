@@ -306,14 +306,7 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
                 " must be [P] tensors in h's dtype with P=", s.P, ", got ", t->sizes(), " ", t->scalar_type());
   }
   TORCH_INTERNAL_ASSERT(ema == nullptr || t_out != nullptr, "the moving-average rule needs the one pass");
-  if (ema != nullptr) {
-    TORCH_CHECK(ema->dim() == 2 && ema->size(0) == s.P && ema->size(1) == 2 &&
-                    ema->scalar_type() == h.scalar_type() && ema->device() == h.device(),
-                op, ": 'ema' must be a [P, 2] tensor in h's dtype with P=", s.P, ", got ", ema->sizes(), " ",
-                ema->scalar_type());
-    TORCH_CHECK(std::isfinite(ema_log_a) && ema_log_a <= 0.0, op, ": 'log_a' must be finite and <= 0, got ",
-                ema_log_a);
-  }
+  if (ema != nullptr) check_mine_rule_args(op, *ema, ema_log_a, s.P, h);
   const at::Tensor ema_c = ema != nullptr ? ema->contiguous() : at::Tensor();
   // The pass's per-pair factor of the moving-average rule (PairStatsCpuArgs::ema_ratio).
   const at::Tensor ema_ratio = ema != nullptr ? at::empty({s.P}, h.options()) : at::Tensor();

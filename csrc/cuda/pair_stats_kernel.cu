@@ -49,7 +49,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <utility>
@@ -630,19 +629,14 @@ EightTensors pair_stats_fwd_bwd_mine_cuda(const at::Tensor& grad_t, const at::Te
                                           const at::Tensor& v, const at::Tensor& c, const at::Tensor& perms,
                                           const c10::optional<at::Tensor>& pairs, bool need_h, bool need_params) {
   TORCH_CHECK(need_h || need_params, "pair_stats_fwd_bwd_mine: at least one of need_h, need_params must be true");
-  TORCH_CHECK(std::isfinite(log_a) && log_a <= 0.0, "pair_stats_fwd_bwd_mine: 'log_a' must be finite and <= 0, got ",
-              log_a);
-  const c10::cuda::CUDAGuard guard(h.device());
-  auto [t, l] = pair_stats_fwd_cuda(h, wa, wb, b, v, c, perms, pairs);
-  const int64_t P = l.size(0);
-  TORCH_CHECK(ema.dim() == 2 && ema.size(0) == P && ema.size(1) == 2 && ema.scalar_type() == h.scalar_type() &&
-                  ema.device() == h.device(),
-              "pair_stats_fwd_bwd_mine: 'ema' must be a [P, 2] tensor in h's dtype on h's device with P=", P,
-              ", got ", ema.sizes(), " ", ema.scalar_type(), " on ", ema.device());
+  const int64_t P = check_pair_stats_args(h, wa, wb, b, v, c, perms, pairs).P;
+  check_mine_rule_args("pair_stats_fwd_bwd_mine", ema, log_a, P, h);
   TORCH_CHECK(grad_lme.dim() == 1 && grad_lme.size(0) == P && grad_lme.scalar_type() == h.scalar_type() &&
                   grad_lme.device() == h.device(),
               "pair_stats_fwd_bwd_mine: 'grad_lme' must be a [P] tensor in h's dtype on h's device with P=", P,
               ", got ", grad_lme.sizes(), " ", grad_lme.scalar_type(), " on ", grad_lme.device());
+  const c10::cuda::CUDAGuard guard(h.device());
+  auto [t, l] = pair_stats_fwd_cuda(h, wa, wb, b, v, c, perms, pairs);
   const at::ScalarType acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor gl = grad_lme.to(acc).contiguous(), lm = l.to(acc).contiguous(), em = ema.to(acc).contiguous();
   at::Tensor gl_rule = at::empty({P}, gl.options());
