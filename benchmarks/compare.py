@@ -580,9 +580,16 @@ def plot(rows, path) -> bool:
     return True
 
 
+def _fmt_paired(pd):
+    """Median per-round ratio of a ``--paired`` run (suffix ``e`` when the baseline is eager)."""
+    if not pd:
+        return "-"
+    return f"{pd['median']:.2f}" + ("e" if pd["baseline"] == "eager" else "")
+
+
 def print_table(rows, sgemm_gflops):
     head = (f"{'cell':<34} {'dir':<6} {'backend':<8} {'median s':>9} {'n':>2} {'Geval*K/s':>9} "
-            f"{'GFLOP/s':>8} {'x compile':>9} {'%sgemm':>6} {'peak MB':>8} {'scratch MB':>10}  note")
+            f"{'GFLOP/s':>8} {'x compile':>9} {'paired x':>8} {'%sgemm':>6} {'peak MB':>8} {'scratch MB':>10}  note")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -596,6 +603,7 @@ def print_table(rows, sgemm_gflops):
               f"{(r['evals_k_per_s'] / 1e9 if med else 0):>9.3f} "
               f"{(r['gflops'] if med else 0):>8.2f} "
               f"{('%.2f' % ratio) if ratio else '-':>9} "
+              f"{_fmt_paired(r.get('paired')):>8} "
               f"{('%.1f' % (100 * frac)) if frac else '-':>6} "
               f"{_fmt_mb(mem.get('peak_bytes')):>8} {_fmt_mb(mem.get('scratch_bytes')):>10}  "
               f"{r.get('note', '')}")
@@ -791,7 +799,57 @@ def _run_cell(args, cell, direction, backends, compiled, rates):
     for r in rows:
         if comp and r.get("median_s"):
             r["speedup_vs_compiled"] = comp["median_s"] / r["median_s"]
+    if args.paired:
+        paired_rounds(args, cell, direction, rows, compiled, args_t, upstream)
     return rows
+
+
+def paired_baseline(rows) -> str | None:
+    """The backend the paired ratios divide by: torch.compile when it was timed, else eager."""
+    timed = {r["backend"] for r in rows if r.get("median_s")}
+    return next((be for be in ("compiled", "eager") if be in timed), None)
+
+
+def paired_rounds(args, cell, direction, rows, compiled, args_t, upstream):
+    """``--paired N``: N rounds after the cell's own timing, each calling every timed backend of
+    the cell once, the order rotated from round to round. A round's ratio (baseline time / this
+    backend's time) compares two calls made seconds apart, so drift of the machine's speed over
+    the minutes a cell takes (other load on a shared host) cancels in it; the row gets the median
+    and quartiles of the per-round ratios (``paired``), next to the medians' ratio
+    (``speedup_vs_compiled``)."""
+    timed = [r for r in rows if r.get("median_s")]
+    base_name = paired_baseline(rows)
+    if base_name is None or len(timed) < 2:
+        return
+    names = [r["backend"] for r in timed]
+    times = {be: [] for be in names}
+    threads_before = torch.get_num_threads()
+    for k in range(args.paired):
+        for be in names[k % len(names):] + names[:k % len(names)]:
+            fn = _backend_fn(be, compiled)
+            if be == "compiled" and args.compiled_threads:
+                torch.set_num_threads(args.compiled_threads)
+            try:
+                for t in args_t[:6]:
+                    t.grad = None
+                gc.collect()
+                t0 = time.perf_counter()
+                run_once(fn, args_t, upstream, direction)
+                times[be].append(time.perf_counter() - t0)
+            finally:
+                torch.set_num_threads(threads_before)
+    for r in timed:
+        be = r["backend"]
+        ratios = [tb / t for tb, t in zip(times[base_name], times[be])]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+        r["paired"] = {"baseline": base_name, "rounds": args.paired, "times_s": times[be],
+                       "baseline_times_s": times[base_name], "ratios": ratios,
+                       "median": statistics.median(ratios), "q25": q[0], "q75": q[2]}
+        if be != base_name:
+            print(f"  {cell.label()} {direction} {be}: paired x {base_name} {r['paired']['median']:.2f} "
+                  f"[{q[0]:.2f}, {q[2]:.2f}] over {args.paired} rounds (times {min(times[be]):.4f}-"
+                  f"{max(times[be]):.4f} s, {base_name} {min(times[base_name]):.4f}-{max(times[base_name]):.4f} s)",
+                  flush=True)
 
 
 def _run_backend(args, cell, direction, be, fn, args_t, upstream, base, budget, pred, row_probe,
@@ -866,6 +924,9 @@ def parse_args(argv=None):
     p.add_argument("--compiled-variant", default="chunk", choices=["chunk", "chunk_ckpt", "whole"],
                    help="form of torch.compile(reference); see CompiledReference")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per backend and cell (median)")
+    p.add_argument("--paired", type=int, default=0, metavar="N",
+                   help="after each cell, N rounds calling every timed backend once (order rotated): "
+                        "per-round ratios to torch.compile (or eager without it), robust to drift")
     p.add_argument("--cell-seconds", type=float, default=60.0,
                    help="stop repeating (after 3 calls) once a backend's timed calls exceed this")
     p.add_argument("--budget", type=float, default=120.0,
@@ -891,7 +952,10 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
     p.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.paired < 0:
+        p.error(f"--paired must be >= 0 (rounds), got {args.paired}")
+    return args
 
 
 def main(argv=None):
