@@ -251,16 +251,21 @@ def run_once(fn, args, upstream, direction: str):
     return (tj.detach(), lme.detach()), tuple(t.grad for t in tensors)
 
 
+def timed_call(fn, args, upstream, direction) -> float:
+    """Seconds of one call (gradients cleared and garbage collected first, outside the timing)."""
+    for t in args[:6]:
+        t.grad = None
+    gc.collect()
+    t0 = time.perf_counter()
+    run_once(fn, args, upstream, direction)
+    return time.perf_counter() - t0
+
+
 def time_calls(fn, args, upstream, direction, repeats: int, cell_seconds: float):
     """Median of up to ``repeats`` timed calls (at least 3 unless one call exceeds the cell budget)."""
     times = []
     for i in range(repeats):
-        for t in args[:6]:
-            t.grad = None
-        gc.collect()
-        t0 = time.perf_counter()
-        run_once(fn, args, upstream, direction)
-        times.append(time.perf_counter() - t0)
+        times.append(timed_call(fn, args, upstream, direction))
         if len(times) >= 3 and sum(times) > cell_seconds:
             break
         if len(times) == 1 and times[0] > cell_seconds:
@@ -830,12 +835,7 @@ def paired_rounds(args, cell, direction, rows, compiled, args_t, upstream):
             if be == "compiled" and args.compiled_threads:
                 torch.set_num_threads(args.compiled_threads)
             try:
-                for t in args_t[:6]:
-                    t.grad = None
-                gc.collect()
-                t0 = time.perf_counter()
-                run_once(fn, args_t, upstream, direction)
-                times[be].append(time.perf_counter() - t0)
+                times[be].append(timed_call(fn, args_t, upstream, direction))
             finally:
                 torch.set_num_threads(threads_before)
     for r in timed:
