@@ -11,7 +11,17 @@
 #   TORCH_CUDA_ARCH_LIST    unset -> setup.py's default (8.0;9.0+PTX)
 #   MAX_JOBS                parallel compile jobs (default 2)
 #   NVCC_APPEND_FLAGS       read by nvcc itself, e.g. "-Xptxas -v" for the resource report
+#
+# `ci_cuda.sh --venv-only` prepares the venv (step 1) and stops: .ci/run starts it in the
+# background while the CPU stage runs, so that the ~1.5 min install overlaps that stage.
 set -euo pipefail
+
+venv_only=0
+case "${1:-}" in
+  "") ;;
+  --venv-only) venv_only=1 ;;
+  *) echo "ci_cuda: unknown argument '$1' (expected nothing or --venv-only)" >&2; exit 2 ;;
+esac
 
 if [ "${MMIM_CI_CUDA:-1}" = "0" ]; then
   echo "ci_cuda: skipped (MMIM_CI_CUDA=0)"
@@ -48,6 +58,9 @@ print(f"ci_cuda: torch {torch.__version__} (CUDA {torch.version.cuda})")
 EOF
 t_venv=$(date +%s)
 stamp "venv ready"
+if [ "$venv_only" = "1" ]; then
+  exit 0
+fi
 
 # 2. A copy of the tree (tracked and untracked-but-not-ignored files: no venvs, builds, .so).
 mkdir -p "$WORK/src"

@@ -3,14 +3,14 @@
 //
 // Separate builds timed in separate processes drift apart by more than most kernel changes gain
 // (the same forward code varied by 30% between processes on the development machine). Here
-// both versions are compiled into one binary, each in its own namespace (the header is written
-// to be included once per instruction set, so it can be included twice), and their calls
+// both versions are linked into one binary, each in its own namespace (the header is written to
+// be compiled once per instruction set, so the namespace is its own), and their calls
 // alternate on the same data: A B, then B A, and so on. The paired ratio B/A per trial cancels
 // most of the drift; an A/A run (the same header twice) shows what is left.
 //
-// Built and run by benchmarks/kernel_ab/run.sh, which passes the two header paths as IMPL_A and
-// IMPL_B. Both versions use the working tree's pair_stats_cpu.h and pair_stats_math.h, so only
-// changes confined to pair_stats_cpu_impl.h can be compared. AVX2 + FMA build only (the one the
+// Built and run by benchmarks/kernel_ab/run.sh, which compiles kernel_ab_impl.cpp once per
+// header (namespaces impl_a and impl_b, in parallel) and links both with this file. Both
+// versions use the working tree's pair_stats_cpu.h and pair_stats_math.h, so only changes confined to pair_stats_cpu_impl.h can be compared. AVX2 + FMA build only (the one the
 // kernel dispatches to on x86-64 CPUs that have them). One thread, or with --threads T that many,
 // each on a contiguous 1/T of the pairs with its own scratch and gradient buffers (as the
 // driver's parts), so that effects of the threads sharing L3 and memory show.
@@ -29,20 +29,34 @@
 #include <thread>
 #include <vector>
 
-#ifndef IMPL_A
-#error "define IMPL_A and IMPL_B (paths of two versions of pair_stats_cpu_impl.h); see run.sh"
-#endif
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define MMIM_VEC_AVX2 1
-#define MMIM_CPU_CAPABILITY impl_a
-#include IMPL_A
-#undef MMIM_CPU_CAPABILITY
-#define MMIM_CPU_CAPABILITY impl_b
-#include IMPL_B
-#undef MMIM_CPU_CAPABILITY
-#pragma GCC pop_options
+// The entry points of the two versions, each compiled in its own object (kernel_ab_impl.cpp).
+#define MMIM_KERNEL_AB_DECLARE(NS)                                                                     \
+  namespace mmim_ext {                                                                                 \
+  namespace cpu {                                                                                      \
+  namespace NS {                                                                                       \
+  template <typename T>                                                                                \
+  void forward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);                        \
+  template <typename T>                                                                                \
+  void backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, const T*,      \
+                      const BwdScratch<T>&, T*, T*, T*, T*);                                           \
+  template <typename T>                                                                                \
+  void forward_backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*,        \
+                              const BwdScratch<T>&, T*, T*, T*, T*, T*, T*);                           \
+  extern template void forward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, float*, \
+                                            float*, float*);                                           \
+  extern template void backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t,        \
+                                             const float*, const float*, const float*,                 \
+                                             const BwdScratch<float>&, float*, float*, float*, float*); \
+  extern template void forward_backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, \
+                                                     const float*, const float*,                       \
+                                                     const BwdScratch<float>&, float*, float*, float*, \
+                                                     float*, float*, float*);                          \
+  }                                                                                                    \
+  }                                                                                                    \
+  }
+MMIM_KERNEL_AB_DECLARE(impl_a)
+MMIM_KERNEL_AB_DECLARE(impl_b)
+#undef MMIM_KERNEL_AB_DECLARE
 
 namespace {
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # In-process A/B of the CPU loops: csrc/cpu/pair_stats_cpu_impl.h at a git revision (A) against
-# the working tree's (B), both compiled into one binary (kernel_ab.cpp) and timed alternately.
+# the working tree's (B), each compiled into its own object (kernel_ab_impl.cpp), linked into one
+# binary with the driver (kernel_ab.cpp) and timed alternately.
 #
 #   benchmarks/kernel_ab/run.sh REV [options]     e.g. run.sh HEAD --pairs 16000 --trials 40
 #
@@ -25,9 +26,19 @@ if ! git -C "$root" show "$rev:$impl" >"$work/impl_a.h" 2>/dev/null; then
   exit 2
 fi
 cp "$root/$impl" "$work/impl_b.h"
-# The extension's flags (setup.py): -O3, FMA contraction on, hidden visibility.
-"${CXX:-g++}" -O3 -std=c++17 -ffp-contract=fast -fvisibility=hidden -Wno-psabi -falign-loops=64 -falign-functions=64 -pthread \
-  -I"$root/csrc" -I"$work" -DIMPL_A='"impl_a.h"' -DIMPL_B='"impl_b.h"' \
-  "$root/benchmarks/kernel_ab/kernel_ab.cpp" -o "$work/kernel_ab"
+# The extension's flags (setup.py): -O3, FMA contraction on, hidden visibility. The two versions
+# compile in parallel (each is most of the build time), then link with the driver.
+cxx="${CXX:-g++}"
+flags=(-O3 -std=c++17 -ffp-contract=fast -fvisibility=hidden -Wno-psabi -falign-loops=64 -falign-functions=64
+  -pthread -I"$root/csrc" -I"$work")
+pids=()
+for v in a b; do
+  "$cxx" "${flags[@]}" -DIMPL="\"impl_$v.h\"" -DMMIM_CPU_CAPABILITY="impl_$v" \
+    -c "$root/benchmarks/kernel_ab/kernel_ab_impl.cpp" -o "$work/impl_$v.o" &
+  pids+=($!)
+done
+"$cxx" "${flags[@]}" -c "$root/benchmarks/kernel_ab/kernel_ab.cpp" -o "$work/driver.o"
+for pid in "${pids[@]}"; do wait "$pid"; done
+"$cxx" "${flags[@]}" "$work/driver.o" "$work/impl_a.o" "$work/impl_b.o" -o "$work/kernel_ab"
 echo "A = $impl at $rev ($(git -C "$root" rev-parse --short "$rev")), B = working tree"
 "$work/kernel_ab" "$@"

@@ -1,0 +1,28 @@
+// One version of the CPU loops for benchmarks/kernel_ab: csrc/cpu/pair_stats_cpu_impl.h as found
+// at IMPL (a path), compiled for AVX2 + FMA in the namespace MMIM_CPU_CAPABILITY (impl_a or
+// impl_b), with the float entry points instantiated. run.sh compiles it once per version, both
+// in parallel, and links both objects with kernel_ab.cpp, which declares the entry points.
+#include "cpu/pair_stats_cpu.h"
+
+#if !defined(IMPL) || !defined(MMIM_CPU_CAPABILITY)
+#error "define IMPL (path of a pair_stats_cpu_impl.h) and MMIM_CPU_CAPABILITY (impl_a or impl_b); see run.sh"
+#endif
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define MMIM_VEC_AVX2 1
+#include IMPL
+
+namespace mmim_ext {
+namespace cpu {
+namespace MMIM_CPU_CAPABILITY {
+template void forward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, float*, float*, float*);
+template void backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, const float*, const float*,
+                                    const float*, const BwdScratch<float>&, float*, float*, float*, float*);
+template void forward_backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, const float*,
+                                            const float*, const BwdScratch<float>&, float*, float*, float*, float*,
+                                            float*, float*);
+}  // namespace MMIM_CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace mmim_ext
+#pragma GCC pop_options
