@@ -16,12 +16,7 @@
 namespace mmim_ext {
 namespace cpu {
 namespace MMIM_CPU_CAPABILITY {
-template void forward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, float*, float*, float*);
-template void backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, const float*, const float*,
-                                    const float*, const BwdScratch<float>&, float*, float*, float*, float*);
-template void forward_backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, const float*,
-                                            const float*, const BwdScratch<float>&, float*, float*, float*, float*,
-                                            float*, float*);
+MMIM_PAIR_STATS_CPU_ENTRY_POINTS(template, float)
 }  // namespace MMIM_CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace mmim_ext

@@ -81,31 +81,24 @@ inline void for_each_pair(const int64_t* pairs, int64_t m, int64_t begin, int64_
 }  // namespace cpu
 }  // namespace mmim_ext
 
+// The loops' entry points for the type T, each line prefixed by PREFIX: `template` lines are
+// explicit instantiations, `extern template` lines declare ones made elsewhere
+// (benchmarks/kernel_ab). Used inside the build's namespace.
+#define MMIM_PAIR_STATS_CPU_ENTRY_POINTS(PREFIX, T)                                                     \
+  PREFIX void forward_range<T>(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);              \
+  PREFIX void backward_range<T>(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*,      \
+                                const T*, const BwdScratch<T>&, T*, T*, T*, T*);                       \
+  PREFIX void forward_backward_range<T>(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*,        \
+                                        const T*, const BwdScratch<T>&, T*, T*, T*, T*, T*, T*);
+
 // Explicit instantiations of the loops for float and double in the build namespace NS (one line
 // in each per-instruction-set file).
-#define MMIM_INSTANTIATE_PAIR_STATS_CPU(NS)                                                       \
-  namespace mmim_ext {                                                                            \
-  namespace cpu {                                                                                 \
-  namespace NS {                                                                                  \
-  template void forward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t, float*,    \
-                                     float*, float*);                                             \
-  template void forward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t, double*, \
-                                      double*, double*);                                          \
-  template void backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t,           \
-                                      const float*, const float*, const float*,                   \
-                                      const BwdScratch<float>&, float*, float*, float*, float*);  \
-  template void backward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t,         \
-                                       const double*, const double*, const double*,               \
-                                       const BwdScratch<double>&, double*, double*, double*,      \
-                                       double*);                                                  \
-  template void forward_backward_range<float>(const PairStatsCpuArgs<float>&, int64_t, int64_t,   \
-                                              const float*, const float*,                         \
-                                              const BwdScratch<float>&, float*, float*, float*,   \
-                                              float*, float*, float*);                            \
-  template void forward_backward_range<double>(const PairStatsCpuArgs<double>&, int64_t, int64_t, \
-                                               const double*, const double*,                      \
-                                               const BwdScratch<double>&, double*, double*,       \
-                                               double*, double*, double*, double*);               \
-  }                                                                                               \
-  }                                                                                               \
+#define MMIM_INSTANTIATE_PAIR_STATS_CPU(NS)                  \
+  namespace mmim_ext {                                       \
+  namespace cpu {                                            \
+  namespace NS {                                             \
+  MMIM_PAIR_STATS_CPU_ENTRY_POINTS(template, float)          \
+  MMIM_PAIR_STATS_CPU_ENTRY_POINTS(template, double)         \
+  }                                                          \
+  }                                                          \
   }
