@@ -30,25 +30,12 @@
 #include <vector>
 
 // The entry points of the two versions, each compiled in its own object (kernel_ab_impl.cpp).
-#define MMIM_KERNEL_AB_DECLARE(NS)                                                              \
-  namespace mmim_ext {                                                                          \
-  namespace cpu {                                                                               \
-  namespace NS {                                                                                \
-  template <typename T>                                                                         \
-  void forward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);                 \
-  template <typename T>                                                                         \
-  void backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, const T*, \
-                      const BwdScratch<T>&, T*, T*, T*, T*);                                    \
-  template <typename T>                                                                         \
-  void forward_backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, \
-                              const BwdScratch<T>&, T*, T*, T*, T*, T*, T*);                    \
-  MMIM_PAIR_STATS_CPU_ENTRY_POINTS(extern template, float)                                      \
-  }                                                                                             \
-  }                                                                                             \
-  }
-MMIM_KERNEL_AB_DECLARE(impl_a)
-MMIM_KERNEL_AB_DECLARE(impl_b)
-#undef MMIM_KERNEL_AB_DECLARE
+namespace mmim_ext {
+namespace cpu {
+MMIM_DECLARE_PAIR_STATS_CPU(impl_a)
+MMIM_DECLARE_PAIR_STATS_CPU(impl_b)
+}  // namespace cpu
+}  // namespace mmim_ext
 
 namespace {
 

@@ -16,7 +16,7 @@
 namespace mmim_ext {
 namespace cpu {
 namespace MMIM_CPU_CAPABILITY {
-MMIM_PAIR_STATS_CPU_ENTRY_POINTS(template, float)
+MMIM_INSTANTIATE_PAIR_STATS_CPU_T(float)
 }  // namespace MMIM_CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace mmim_ext

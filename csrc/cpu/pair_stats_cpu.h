@@ -81,15 +81,27 @@ inline void for_each_pair(const int64_t* pairs, int64_t m, int64_t begin, int64_
 }  // namespace cpu
 }  // namespace mmim_ext
 
-// The loops' entry points for the type T, each line prefixed by PREFIX: `template` lines are
-// explicit instantiations, `extern template` lines declare ones made elsewhere
-// (benchmarks/kernel_ab). Used inside the build's namespace.
-#define MMIM_PAIR_STATS_CPU_ENTRY_POINTS(PREFIX, T)                                                     \
-  PREFIX void forward_range<T>(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);              \
-  PREFIX void backward_range<T>(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*,      \
-                                const T*, const BwdScratch<T>&, T*, T*, T*, T*);                       \
-  PREFIX void forward_backward_range<T>(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*,        \
-                                        const T*, const BwdScratch<T>&, T*, T*, T*, T*, T*, T*);
+// Declarations of the loops' entry points in the build namespace NS, used inside mmim_ext::cpu:
+// how the driver (pair_stats_kernel.cpp) and benchmarks/kernel_ab see each build.
+#define MMIM_DECLARE_PAIR_STATS_CPU(NS)                                                             \
+  namespace NS {                                                                                   \
+  template <typename T>                                                                            \
+  void forward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);                    \
+  template <typename T>                                                                            \
+  void backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, const T*, \
+                      const BwdScratch<T>&, T*, T*, T*, T*);                                       \
+  template <typename T>                                                                            \
+  void forward_backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*,    \
+                              const BwdScratch<T>&, T*, T*, T*, T*, T*, T*);                       \
+  }
+
+// Explicit instantiations of the loops' entry points for the type T, inside the build's namespace.
+#define MMIM_INSTANTIATE_PAIR_STATS_CPU_T(T)                                                              \
+  template void forward_range<T>(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);              \
+  template void backward_range<T>(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*,      \
+                                  const T*, const BwdScratch<T>&, T*, T*, T*, T*);                       \
+  template void forward_backward_range<T>(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*,        \
+                                          const T*, const BwdScratch<T>&, T*, T*, T*, T*, T*, T*);
 
 // Explicit instantiations of the loops for float and double in the build namespace NS (one line
 // in each per-instruction-set file).
@@ -97,8 +109,8 @@ inline void for_each_pair(const int64_t* pairs, int64_t m, int64_t begin, int64_
   namespace mmim_ext {                                       \
   namespace cpu {                                            \
   namespace NS {                                             \
-  MMIM_PAIR_STATS_CPU_ENTRY_POINTS(template, float)          \
-  MMIM_PAIR_STATS_CPU_ENTRY_POINTS(template, double)         \
+  MMIM_INSTANTIATE_PAIR_STATS_CPU_T(float)                   \
+  MMIM_INSTANTIATE_PAIR_STATS_CPU_T(double)                  \
   }                                                          \
   }                                                          \
   }

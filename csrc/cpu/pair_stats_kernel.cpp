@@ -24,24 +24,12 @@ namespace cpu {
 
 // Declarations of the per-instruction-set builds (pair_stats_scalar.cpp, pair_stats_base.cpp,
 // pair_stats_avx2.cpp).
-#define MMIM_DECLARE_CAPABILITY(NS)                                                                \
-  namespace NS {                                                                                   \
-  template <typename T>                                                                            \
-  void forward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, T*, T*, T*);                    \
-  template <typename T>                                                                            \
-  void backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*, const T*, \
-                      const BwdScratch<T>&, T*, T*, T*, T*);                                       \
-  template <typename T>                                                                            \
-  void forward_backward_range(const PairStatsCpuArgs<T>&, int64_t, int64_t, const T*, const T*,    \
-                              const BwdScratch<T>&, T*, T*, T*, T*, T*, T*);                       \
-  }
-MMIM_DECLARE_CAPABILITY(scalar)
-MMIM_DECLARE_CAPABILITY(base)
+MMIM_DECLARE_PAIR_STATS_CPU(scalar)
+MMIM_DECLARE_PAIR_STATS_CPU(base)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MMIM_HAVE_AVX2_BUILD 1
-MMIM_DECLARE_CAPABILITY(avx2)
+MMIM_DECLARE_PAIR_STATS_CPU(avx2)
 #endif
-#undef MMIM_DECLARE_CAPABILITY
 
 namespace {
 
