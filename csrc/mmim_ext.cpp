@@ -45,6 +45,10 @@ TORCH_LIBRARY(mmim_ext, m) {
       "bool need_params=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Name of the CPU instruction set the CPU kernels dispatch to ("avx2" or "base").
   m.def("cpu_capability() -> str");
+  // The CPU block cache of the ops' large outputs and buffers (csrc/cpu/output_cache.h): release
+  // its free blocks; [free bytes, free blocks, limit bytes, blocks reused, blocks allocated].
+  m.def("empty_cpu_cache() -> ()");
+  m.def("cpu_cache_info() -> int[]");
   // Row-wise Gaussian-kernel log-sum-exp (KDE information bounds, DESIGN.md §5):
   // out[n] = log sum_l exp(-scale * ||x_n - y_l||^2); the backward takes the forward's out.
   m.def("kde_lse(Tensor x, Tensor y, float scale) -> Tensor");

@@ -5,7 +5,7 @@ experiments -> regularizers -> estimators -> ops -> compiled kernels (``mmim_ext
 """
 
 from mmim_ext._extension import extension_loaded
-from mmim_ext.ops import fused_available, num_pairs, pair_stats, pair_stats_linear
+from mmim_ext.ops import cpu_cache_info, empty_cpu_cache, fused_available, num_pairs, pair_stats, pair_stats_linear
 from mmim_ext.reference import all_pairs, pair_stats_reference
 from mmim_ext.kde_ops import kde_lse
 from mmim_ext.infoplane import InfoPlaneRecorder, binned_mi, kde_mi
@@ -34,6 +34,8 @@ __all__ = [
     "UnitLabelMINE",
     "VectorMINE",
     "accuracy",
+    "cpu_cache_info",
+    "empty_cpu_cache",
     "estimate_mi",
     "estimate_pairwise_mi",
     "estimate_total_correlation",

@@ -17,7 +17,7 @@ import torch
 from mmim_ext import _extension
 from mmim_ext.reference import pair_stats_reference
 
-__all__ = ["pair_stats", "pair_stats_linear", "fused_available", "num_pairs"]
+__all__ = ["pair_stats", "pair_stats_linear", "fused_available", "num_pairs", "cpu_cache_info", "empty_cpu_cache"]
 
 #: Scratch budget of one fused call, in bytes. The CPU kernel stages the R shuffled copies of h
 #: and, in the backward, gradient buffers of that size for each part of the pairs (one per
@@ -134,6 +134,34 @@ def fused_available(device: torch.device | str = "cpu") -> bool:
     """True when a compiled ``pair_stats`` kernel exists for ``device``."""
     dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     return _FUSED_DEVICES.get(dev_type, False)
+
+
+def cpu_cache_info() -> dict:
+    """The CPU kernels' block cache: where their large outputs and buffers (1 MiB and up) take
+    their memory.
+
+    The per-pair critic gradients are large (four ``[P, K]`` tensors, 134 MB at m=1024, K=16), and
+    the C library hands blocks that large back to the OS when they are freed, so that every call
+    faulted its gradients in again (about 7% of a one pass, ``benchmarks/RESULTS.md`` §31). A
+    block whose last tensor died goes back to this cache instead, and a later call of the same
+    size reuses it (each tensor still gets its own storage). The cache keeps at most
+    ``MMIM_EXT_CPU_CACHE_MB`` mebibytes of free blocks (read once, at the first call; default
+    1024, 0 turns it off); :func:`empty_cpu_cache` releases them.
+
+    Returns ``{"free_bytes", "free_blocks", "limit_bytes", "reused", "allocated"}``: the free
+    blocks held now, the limit, and how many blocks calls so far took from the cache and from the
+    system. All zero when the extension is not loaded.
+    """
+    keys = ("free_bytes", "free_blocks", "limit_bytes", "reused", "allocated")
+    if not _extension.extension_loaded():
+        return dict.fromkeys(keys, 0)
+    return dict(zip(keys, torch.ops.mmim_ext.cpu_cache_info()))
+
+
+def empty_cpu_cache() -> None:
+    """Release the free blocks of the CPU kernels' block cache (see :func:`cpu_cache_info`)."""
+    if _extension.extension_loaded():
+        torch.ops.mmim_ext.empty_cpu_cache()
 
 
 def pair_stats(h, wa, wb, b, v, c, perms, pairs=None, *, backend: str = "auto"):

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/output_cache.h"
 #include "cpu/pair_stats_cpu.h"
 #include "pair_stats.h"
 
@@ -162,12 +163,12 @@ Staged stage(const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb, co
   if (pairs.has_value()) st.pairs = pairs->contiguous();
   const at::Tensor hc = h.contiguous();
   check_values(hc, st.perms, pairs.has_value() ? &st.pairs : nullptr, B, m);
-  st.hT = at::zeros({m, st.Bp}, h.options());
+  st.hT = empty_cached({m, st.Bp}, h.options()).zero_();
   st.hT.narrow(1, 0, B).copy_(h.t());
   // The shuffled samples' second arguments, materialized once per call ([R][m][Bp], R times the
   // size of h) so that every pair streams them contiguously instead of gathering.
   const int64_t R = st.s.R, Bp = st.Bp;
-  st.hP = at::empty({R, m, Bp}, h.options());
+  st.hP = empty_cached({R, m, Bp}, h.options());
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pair_stats_stage", [&] {
     const scalar_t* src = st.hT.data_ptr<scalar_t>();
     scalar_t* dst = st.hP.data_ptr<scalar_t>();
@@ -255,8 +256,8 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const
                                                       const at::Tensor& perms,
                                                       const c10::optional<at::Tensor>& pairs) {
   const Staged st = stage(h, wa, wb, b, v, c, perms, pairs);
-  at::Tensor t_joint = at::empty({st.s.P}, h.options());
-  at::Tensor lme = at::empty({st.s.P}, h.options());
+  at::Tensor t_joint = empty_cached({st.s.P}, h.options());
+  at::Tensor lme = empty_cached({st.s.P}, h.options());
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pair_stats_fwd_cpu", [&] {
     const PairStatsCpuArgs<scalar_t> g = make_args<scalar_t>(st);
     scalar_t* tj = t_joint.data_ptr<scalar_t>();
@@ -282,8 +283,8 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
   const PairStatsSizes& s = st.s;
   TORCH_INTERNAL_ASSERT(t_out == nullptr || need_h || need_params, "the one pass needs a gradient to compute");
   if (t_out != nullptr) {
-    *t_out = at::empty({s.P}, h.options());
-    *lme_out = at::empty({s.P}, h.options());
+    *t_out = empty_cached({s.P}, h.options());
+    *lme_out = empty_cached({s.P}, h.options());
   }
   std::vector<const at::Tensor*> per_pair = {&grad_t, &grad_lme};
   if (lme != nullptr) per_pair.push_back(lme);
@@ -305,11 +306,13 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
   // A gradient not asked for (need_h / need_params false) is returned as an empty [0] tensor (a
   // new one each: outputs of an op must not alias).
   auto none = [&] { return at::empty({0}, h.options()); };
-  at::Tensor grad_h = need_h ? at::empty({B, m}, h.options()) : none();
-  // One critic per pair: the loops write every row, so no zero fill ([P, K] x 4 is large).
+  at::Tensor grad_h = need_h ? empty_cached({B, m}, h.options()) : none();
+  // One critic per pair: the loops write every row, so no zero fill ([P, K] x 4 is large), and the
+  // memory comes from the block cache (output_cache.h: no page faults when the last call's gradients
+  // were dropped).
   auto make_grad = [&] {
     if (!need_params) return none();
-    return s.shared ? at::zeros(wa.sizes(), h.options()) : at::empty(wa.sizes(), h.options());
+    return s.shared ? at::zeros(wa.sizes(), h.options()) : empty_cached(wa.sizes(), h.options());
   };
   at::Tensor gwa = make_grad(), gwb = make_grad(), gb = make_grad(), gv = make_grad();
   at::Tensor gc = none();
@@ -331,7 +334,7 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
     // (deterministic).
     const int64_t per_part = (1 + R) * m * Bp;
     const int64_t nparts = pair_parts(s, need_h ? per_part * static_cast<int64_t>(sizeof(T)) : 0);
-    at::Tensor gbuf = need_h ? at::zeros({nparts, 1 + R, m, Bp}, h.options()) : none();
+    at::Tensor gbuf = need_h ? empty_cached({nparts, 1 + R, m, Bp}, h.options()).zero_() : none();
     at::Tensor gs_parts = at::zeros({nparts, 4, K}, h.options());
     T* gbuf_all = need_h ? gbuf.data_ptr<T>() : nullptr;
     T* gs_all = gs_parts.data_ptr<T>();
