@@ -121,3 +121,30 @@ def test_limit_from_the_environment():
     bad = _run({"MMIM_EXT_CPU_CACHE_MB": "lots"}, _SCRIPT)
     assert bad.returncode != 0
     assert "MMIM_EXT_CPU_CACHE_MB must be a whole number of mebibytes" in bad.stderr and "'lots'" in bad.stderr
+
+
+@requires_fused
+def test_calls_from_two_threads_share_the_cache_safely():
+    import threading
+
+    expected = {seed: [g.clone() for g in _one_pass(_inputs(seed))] for seed in (6, 7)}
+    results, errors = {}, []
+
+    def run(seed):
+        try:
+            for k in range(3):
+                results[(seed, k)] = _one_pass(_inputs(seed))
+                if k < 2:
+                    del results[(seed, k)]  # back to the cache while the other thread allocates
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (6, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for seed in (6, 7):
+        for a, b in zip(results[(seed, 2)], expected[seed]):
+            assert torch.equal(a, b)
