@@ -34,6 +34,8 @@ def _inputs(seed):
 
 @requires_fused
 def test_freed_gradients_are_reused_and_stale_contents_never_leak():
+    if mmim_ext.cpu_cache_info()["limit_bytes"] < 32 * 2**20:
+        pytest.skip("the block cache is off or too small here (MMIM_EXT_CPU_CACHE_MB)")
     mmim_ext.empty_cpu_cache()
     first = _one_pass(_inputs(0))
     ptrs = {g.data_ptr() for g in first[1:5]}
