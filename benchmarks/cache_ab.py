@@ -25,6 +25,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def steady(xs):
+    """Median of a process's calls after the first two (warm-up, first allocations)."""
+    return statistics.median(xs[2:])
+
+
 def worker(args) -> None:
     import torch
 
@@ -48,7 +53,7 @@ def worker(args) -> None:
         faults.append(r1.ru_minflt - r0.ru_minflt)
         system.append(r1.ru_stime - r0.ru_stime)
     print(json.dumps(dict(times_s=times, minor_faults=faults, system_s=system,
-                          median_s=statistics.median(times[2:]), threads=torch.get_num_threads(),
+                          median_s=steady(times), threads=torch.get_num_threads(),
                           cache=mmim_ext.cpu_cache_info())))
 
 
@@ -73,16 +78,14 @@ def main(argv=None) -> None:
     p.add_argument("--R", type=int, default=1)
     p.add_argument("--mode", choices=("per_pair", "shared"), default="per_pair")
     p.add_argument("--backend", choices=("onepass", "fused"), default="onepass")
-    p.add_argument("--calls", type=int, default=9, help="calls per process (the median skips the first two)")
+    p.add_argument("--calls", type=int, default=9, help="calls per process, at least 3 (the median skips the first two)")
     p.add_argument("--alternations", type=int, default=6)
     p.add_argument("--json", default=None, help="write every process's record here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("m", "B", "K", "R", "alternations"):
-        if getattr(args, name) < (2 if name == "m" else 1):
-            p.error(f"--{name} must be at least {2 if name == 'm' else 1}")
-    if args.calls < 3:
-        p.error("--calls must be at least 3 (the median skips the first two)")
+    for name, lo in (("m", 2), ("B", 1), ("K", 1), ("R", 1), ("alternations", 1), ("calls", 3)):
+        if getattr(args, name) < lo:
+            p.error(f"--{name} must be at least {lo}, got {getattr(args, name)}")
     if args.worker:
         worker(args)
         return
@@ -96,10 +99,9 @@ def main(argv=None) -> None:
         on = run_process(args, on_setting)
         ratio = on["median_s"] / off["median_s"]
         ratios.append(ratio)
-        med = lambda xs: statistics.median(xs[2:])  # noqa: E731
         print(f"{k + 1:>4} {off['median_s']:>8.4f} {on['median_s']:>8.4f} {ratio:>7.3f}  "
-              f"{med(off['minor_faults']):>10.0f} {med(on['minor_faults']):>6.0f}  "
-              f"{med(off['system_s']):>9.3f} {med(on['system_s']):>6.3f}", flush=True)
+              f"{steady(off['minor_faults']):>10.0f} {steady(on['minor_faults']):>6.0f}  "
+              f"{steady(off['system_s']):>9.3f} {steady(on['system_s']):>6.3f}", flush=True)
         records.append(dict(off=off, on=on, ratio=ratio))
     print(f"# median ratio on/off {statistics.median(ratios):.3f} over {len(ratios)} pairs; "
           f"on faster in {sum(r < 1 for r in ratios)} of them")

@@ -1,5 +1,6 @@
 """The CPU kernels' block cache (csrc/cpu/output_cache.h): reuse, isolation, limit, release."""
 
+import json
 import os
 import subprocess
 import sys
@@ -101,11 +102,11 @@ def _run(env_extra, code):
 
 
 _SCRIPT = """
-import torch, mmim_ext
+import json, torch, mmim_ext
 from test_output_cache import _one_pass, _inputs
 g = _one_pass(_inputs(0)); del g
 g = _one_pass(_inputs(1)); del g
-print(mmim_ext.cpu_cache_info())
+print(json.dumps(mmim_ext.cpu_cache_info()))
 """
 
 
@@ -113,12 +114,12 @@ print(mmim_ext.cpu_cache_info())
 def test_limit_from_the_environment():
     off = _run({"MMIM_EXT_CPU_CACHE_MB": "0"}, _SCRIPT)
     assert off.returncode == 0, off.stderr
-    assert eval(off.stdout.strip().splitlines()[-1]) == dict(free_bytes=0, free_blocks=0, limit_bytes=0,
+    assert json.loads(off.stdout.strip().splitlines()[-1]) == dict(free_bytes=0, free_blocks=0, limit_bytes=0,
                                                             reused=0, allocated=0)
     # 5 MiB holds one 2.9 MB gradient block and not two.
     small = _run({"MMIM_EXT_CPU_CACHE_MB": "5"}, _SCRIPT)
     assert small.returncode == 0, small.stderr
-    info = eval(small.stdout.strip().splitlines()[-1])
+    info = json.loads(small.stdout.strip().splitlines()[-1])
     assert info["limit_bytes"] == 5 * 2**20 and 0 < info["free_bytes"] <= 5 * 2**20
     bad = _run({"MMIM_EXT_CPU_CACHE_MB": "lots"}, _SCRIPT)
     assert bad.returncode != 0
