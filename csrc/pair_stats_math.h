@@ -220,10 +220,11 @@ MMIM_HD LseState<T> lse_merge(LseState<T> s, LseState<T> o) {
   return LseState<T>{s.max, s.sum + o.sum * exp_lse(o.max - s.max)};
 }
 
-// log of the mean of exp over `count` samples.
+// log of the mean of exp over `count` samples, with the logarithms in T's precision (on the host
+// ::log would take float through the double log, at twice logf's cost).
 template <typename T>
 MMIM_HD T lse_finish_mean(LseState<T> s, T count) {
-  return s.max + ::log(s.sum) - ::log(count);
+  return s.max + log_lse(s.sum) - log_lse(count);
 }
 
 // Weight of a shuffled sample in the backward: grad_lme * d lme / d T_n = grad_over_count *

@@ -198,6 +198,42 @@ def test_gate_threshold_edge_weights(shared, dtype):
 
 
 @requires_fused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_threshold_score_form_per_pair_fallbacks(dtype):
+    # The AVX2 build scores a float32 critic in the threshold form (pair_stats_cpu_impl.h,
+    # ScoreForm) when every unit's threshold is safe, else from x; per-pair critics get their
+    # forms in blocks of 32 consecutive pairs. Over 120 pairs, so that block boundaries fall among
+    # them: a third of the critics have a unit with wb = 0, some a subnormal wb (both: from x),
+    # some a tiny normal wb (a huge but safe threshold: the form), the rest random (the form).
+    h, wa, wb, b, v, c, perms, _ = make_inputs(24, 16, 8, 2, shared=False, dtype=dtype, seed=13)
+    sub = 1e-40 if dtype == torch.float32 else 1e-310
+    wb = wb.clone()
+    wb[::3, 0] = 0.0
+    wb[1::7, 1] = -sub
+    wb[2::5, 2] = 1e-20
+    wb[4::5, 3] = -1e-20
+    _assert_parity((h, wa, wb, b, v, c, perms, None), dtype)
+
+
+@requires_fused
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("scale", [1e10, 1e28, 1e33])
+def test_threshold_score_form_large_h(scale, shared):
+    # float32 h of magnitude `scale`: the threshold form is used while its terms stay below 2^100
+    # (about 1.3e30) for |h| this large, and the scores come from x beyond that (1e33). Either
+    # way the statistics are those of the float64 reference, relative to the scores' size.
+    h, wa, wb, b, v, c, perms, _ = make_inputs(24, 6, 8, 2, shared=shared, dtype=torch.float64, seed=17)
+    h = h * scale
+    inputs32 = [t.float() for t in (h, wa, wb, b, v, c)] + [perms, None]
+    tf, lf, _ = _run("fused", inputs32)
+    tr, lr, _ = _run("reference", (h, wa, wb, b, v, c, perms, None))
+    assert torch.isfinite(tf).all() and torch.isfinite(lf).all()
+    size = tr.abs().max().item()
+    torch.testing.assert_close(tf.double(), tr, rtol=1e-5, atol=1e-5 * size)
+    torch.testing.assert_close(lf.double(), lr, rtol=1e-5, atol=1e-5 * size)
+
+
+@requires_fused
 def test_lme_is_bounded_by_max_score():
     # log-mean-exp lies between the mean and the max of the shuffled scores.
     inputs = make_inputs(20, 5, 4, 2, shared=True, scale=30.0)

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -45,6 +46,10 @@ struct PairStatsCpuArgs {
   const T* ema = nullptr;
   T ema_log_a = T(0);
   T* ema_ratio = nullptr;
+  // The largest |h| of the call (NaN if h has one): the threshold form of the scores
+  // (pair_stats_cpu_impl.h, ScoreForm) is used only for critics whose terms stay bounded for
+  // arguments this large. Infinity (the default) leaves every critic on the direct form.
+  T hmax = std::numeric_limits<T>::infinity();
 };
 
 template <typename T>

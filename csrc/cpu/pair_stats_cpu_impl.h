@@ -218,6 +218,119 @@ inline Vec<T> exp_lse(Vec<T> xin) {
   }
 }
 
+// Whether this build's loops for T may use the threshold forms of the gates (unit_pass) and of
+// the scores (ScoreForm). Only the AVX2 build's float loops, the ones that run for speed, do
+// (three versions of every pass for each instruction set and type would triple the build's
+// compile time); the others, and the scalar build that checks the shared header, compute x.
+#ifdef MMIM_VEC_AVX2
+template <typename T>
+constexpr bool kThresholdGates = sizeof(T) == 4;
+#else
+template <typename T>
+constexpr bool kThresholdGates = false;
+#endif
+
+// The critic's scores in the threshold form. Where wb_k is not 0, unit k's pre-activation is
+// x_k = wb_k (b - t_k) with the threshold t_k = ta_k a + tb_k, ta_k = -wa_k / wb_k,
+// tb_k = -bias_k / wb_k (math::gate_threshold), so that
+//   v_k relu(x_k) = v_k |wb_k| max(b, t_k) - v_k |wb_k| (wb_k > 0 ? t_k : b),
+// and the subtracted term is linear in a or in b: v_k (wa_k a + bias_k) for wb_k > 0, v_k wb_k b
+// for wb_k < 0. Summed over the units,
+//   T(a, b) - c = alpha a + beta b + gamma + sum_k cp_k max(b, t_k)
+// with alpha = sum_{wb > 0} v wa, gamma = sum_{wb > 0} v bias, beta = sum_{wb < 0} v wb and
+// cp = v |wb|. Per unit and vector of samples of two sources that is 3 FMAs (t, two sums) and 2
+// max, against 5 FMAs (u, two x, two sums) and 2 max for the direct form (kernel_ab: forward
+// 0.92x, one pass 0.97-0.98x; benchmarks/RESULTS.md §8 row 29). Each term's rounding is a few ulp of
+// |v| (|wa a| + |bias| + |wb b|), the size of the direct form's. score_form uses the form for a
+// critic only when every unit's threshold is finite with wb_k normal, and these magnitudes stay
+// below 2^100 for |a|, |b| <= hmax (the largest |h| of the call), so nothing in it overflows;
+// otherwise the loops compute x.
+template <typename T>
+struct ScoreForm {
+  bool ok = false;
+  T alpha = T(0), beta = T(0), gamma = T(0);
+  const T* ta = nullptr;  // [K] each
+  const T* tb = nullptr;
+  const T* cp = nullptr;
+};
+
+// Floats of the buffer score_form writes: three rows of K rounded up to the vector width.
+template <typename T>
+inline int64_t score_form_floats(int64_t K) {
+  constexpr int L = Vec<T>::L;
+  return 3 * ((K + L - 1) / L * L);
+}
+
+// The threshold form of the critic (wa, wb, bias, v: [K]), written to buf (score_form_floats),
+// or ok = false where it is not safe (above). Vectors of units, the last one padded with a unit
+// that contributes nothing (wa = bias = v = 0, wb = 1).
+template <typename T>
+inline ScoreForm<T> score_form(const T* wa, const T* wb, const T* bias, const T* v, int64_t K, T hmax, T* buf) {
+  using V = Vec<T>;
+  typedef typename V::raw R;
+  constexpr int L = V::L;
+  ScoreForm<T> f;
+  const T bound = T(1.2676506002282294e30);  // 2^100
+  if (!(hmax <= bound)) return f;              // also NaN or inf in h
+  const int64_t Kp = (K + L - 1) / L * L;
+  T* ta = buf;
+  T* tb = buf + Kp;
+  T* cp = buf + 2 * Kp;
+  const R zero{}, one = zero + T(1), hm = zero + hmax, bd = zero + bound;
+  const R tiny = zero + math::smallest_normal(T(0));
+  R alpha = zero, beta = zero, gamma = zero;
+  R ok = zero + T(1);  // stays 1 in every lane while all units qualify
+  for (int64_t k0 = 0; k0 < Kp; k0 += L) {
+    R wav, wbv, bv, vv;
+    if (k0 + L <= K) {
+      wav = V::load(wa + k0).x;
+      wbv = V::load(wb + k0).x;
+      bv = V::load(bias + k0).x;
+      vv = V::load(v + k0).x;
+    } else {
+      wav = zero, wbv = one, bv = zero, vv = zero;
+      for (int l = 0; k0 + l < K; ++l) {
+        wav[l] = wa[k0 + l];
+        wbv[l] = wb[k0 + l];
+        bv[l] = bias[k0 + l];
+        vv[l] = v[k0 + l];
+      }
+    }
+    const auto absv = [](R x) { return x < R{} ? -x : x; };
+    const R mag = absv(wbv);
+    const R tav = -wav / wbv, tbv = -bv / wbv;
+    const R t_size = absv(tav) * hm + absv(tbv);
+    const R size = absv(vv) * ((absv(wav) + mag) * hm + absv(bv));
+    // A comparison with NaN is false, so NaN anywhere leaves the lane not ok.
+    ok = ((mag >= tiny) & (t_size <= bd) & (size <= bd)) ? ok : zero;
+    const R pos = wbv > zero ? one : zero;  // wb > 0
+    alpha += pos * (vv * wav);
+    gamma += pos * (vv * bv);
+    beta += (one - pos) * (vv * wbv);
+    V::from_raw(tav).store(ta + k0);
+    V::from_raw(tbv).store(tb + k0);
+    V::from_raw(vv * mag).store(cp + k0);
+  }
+  if (!(V::from_raw(ok).sum() == T(L))) return f;
+  f.ok = true;
+  f.alpha = V::from_raw(alpha).sum();
+  f.beta = V::from_raw(beta).sum();
+  f.gamma = V::from_raw(gamma).sum();
+  f.ta = ta;
+  f.tb = tb;
+  f.cp = cp;
+  return f;
+}
+
+// max(x, y) of two vectors without NaN (the threshold form's max(b, t)).
+template <typename T>
+inline Vec<T> vmax_form(Vec<T> x, Vec<T> y) {
+#ifdef MMIM_VEC_AVX2
+  if constexpr (sizeof(T) == 4) return Vec<T>::from_raw(__builtin_ia32_maxps256(x.x, y.x));
+#endif
+  return vmax(x, y);
+}
+
 // u = wa_k a + bias_k for every hidden unit k and sample n of one first argument: U[k][n], rows
 // of Bp. A shared critic's u depends on the first argument alone, so the pairs that share it
 // (consecutive in the row-major order) load u instead of recomputing it: one FMA fewer of the
@@ -296,43 +409,164 @@ inline void tile_scores2(const T* a, const T* U, int64_t us, const T* b0, const 
   s01.store(t0 + L);
 }
 
+// tile_scores2 in the threshold form f (ScoreForm): the same scores up to rounding. kU: the
+// thresholds t = ta a + tb are loaded from rows U (first_layer_rows of ta, tb) instead of formed.
+template <typename T, bool kU>
+inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, const T* b1, const ScoreForm<T>& f,
+                              int64_t K, T* t0, T* t1) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const T* ta = f.ta;
+  const T* tb = f.tb;
+  const T* cp = f.cp;
+  // the tile's thresholds for unit k
+#define MMIM_TILE_T(k, x0, x1)               \
+  V x0, x1;                                  \
+  if constexpr (kU) {                        \
+    x0 = V::load(U + (k) * us);              \
+    x1 = V::load(U + (k) * us + L);          \
+  } else {                                   \
+    const V tak_(ta[k]), tbk_(tb[k]);        \
+    x0 = math::critic_u(tak_, a0, tbk_);     \
+    x1 = math::critic_u(tak_, a1, tbk_);     \
+  }
+  const V a0 = V::load(a), a1 = V::load(a + L);
+  const V b00 = V::load(b0), b01 = V::load(b0 + L);
+  V s00 = V::zero(), s01 = V::zero();
+  if (b1 != nullptr) {
+    const V b10 = V::load(b1), b11 = V::load(b1 + L);
+    V s10 = V::zero(), s11 = V::zero();
+    for (int64_t k = 0; k < K; ++k) {
+      MMIM_TILE_T(k, x0, x1)
+      const V ck(cp[k]);
+      s00 += ck * vmax_form(b00, x0);
+      s01 += ck * vmax_form(b01, x1);
+      s10 += ck * vmax_form(b10, x0);
+      s11 += ck * vmax_form(b11, x1);
+    }
+    const V alpha(f.alpha), beta(f.beta), gamma(f.gamma);
+    ((alpha * a0 + gamma + beta * b10) + s10).store(t1);
+    ((alpha * a1 + gamma + beta * b11) + s11).store(t1 + L);
+  } else {
+    // One source: units two at a time into separate sums (four accumulation chains).
+    V e00 = V::zero(), e01 = V::zero();
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+      MMIM_TILE_T(k, x0, x1)
+      MMIM_TILE_T(k + 1, y0, y1)
+      const V ck(cp[k]), ck1(cp[k + 1]);
+      s00 += ck * vmax_form(b00, x0);
+      s01 += ck * vmax_form(b01, x1);
+      e00 += ck1 * vmax_form(b00, y0);
+      e01 += ck1 * vmax_form(b01, y1);
+    }
+    for (; k < K; ++k) {
+      MMIM_TILE_T(k, x0, x1)
+      const V ck(cp[k]);
+      s00 += ck * vmax_form(b00, x0);
+      s01 += ck * vmax_form(b01, x1);
+    }
+    s00 += e00;
+    s01 += e01;
+  }
+#undef MMIM_TILE_T
+  const V alpha(f.alpha), beta(f.beta), gamma(f.gamma);
+  ((alpha * a0 + gamma + beta * b00) + s00).store(t0);
+  ((alpha * a1 + gamma + beta * b01) + s01).store(t0 + L);
+}
+
 // Scores (without c) of samples [n0, n1) of `nsrc` sources that share the first argument a:
-// dst[s][n - n0] = T(a[n], src[s][n]). n0 and n1 are multiples of the tile width. U: null, or
-// a's first_layer_rows (row stride Bp), loaded instead of computing u.
+// dst[s][n - n0] = T(a[n], src[s][n]). n0 and n1 are multiples of the tile width. form: null,
+// or the critic's threshold form (ScoreForm), which the loops then use (builds with
+// kThresholdGates only). U: null, or a's first_layer_rows (row stride Bp) of wa, bias, or of ta,
+// tb with a form, loaded instead of computing u or t.
 template <typename T>
 inline void source_scores(const T* a, const T* U, int64_t Bp, const T* const* src, T* const* dst,
                           int64_t nsrc, int64_t n0, int64_t n1, const T* wa, const T* wb,
-                          const T* bias, const T* v, int64_t K) {
+                          const T* bias, const T* v, int64_t K, const ScoreForm<T>* form) {
   constexpr int W = 2 * Vec<T>::L;  // one tile_scores2 tile; kLanes<T> (the padding) is a multiple
   T scratch[W];
-  auto run = [&](auto use_u) {
+  auto run = [&](auto use_u, auto use_form) {
+    constexpr bool kU = decltype(use_u)::value;
     for (int64_t n = n0; n < n1; n += W) {
       for (int64_t s = 0; s < nsrc; s += 2) {
         const bool two = s + 1 < nsrc;
-        tile_scores2<T, decltype(use_u)::value>(a + n, decltype(use_u)::value ? U + n : nullptr, Bp, src[s] + n,
-                                                two ? src[s + 1] + n : nullptr, wa, wb, bias, v, K,
-                                                dst[s] + (n - n0), two ? dst[s + 1] + (n - n0) : scratch);
+        const T* b1 = two ? src[s + 1] + n : nullptr;
+        T* t1 = two ? dst[s + 1] + (n - n0) : scratch;
+        if constexpr (decltype(use_form)::value)
+          tile_scores2_form<T, kU>(a + n, kU ? U + n : nullptr, Bp, src[s] + n, b1, *form, K, dst[s] + (n - n0), t1);
+        else
+          tile_scores2<T, kU>(a + n, kU ? U + n : nullptr, Bp, src[s] + n, b1, wa, wb, bias, v, K, dst[s] + (n - n0),
+                              t1);
       }
     }
   };
-  if (U != nullptr) run(std::true_type{});
-  else run(std::false_type{});
+  if constexpr (kThresholdGates<T>) {
+    if (form != nullptr) {
+      if (U != nullptr) run(std::true_type{}, std::true_type{});
+      else run(std::false_type{}, std::true_type{});
+      return;
+    }
+  }
+  if (U != nullptr) run(std::true_type{}, std::false_type{});
+  else run(std::false_type{}, std::false_type{});
 }
 
-// A shared critic's first_layer_rows of the current first argument, recomputed when the pairs
-// move to another one; for per-pair critics buf stays empty and rows() is nullptr.
+// The score form (ScoreForm) of the pairs' critics, and a shared critic's first_layer_rows of the
+// current first argument, recomputed when the pairs move to another one (for per-pair critics
+// rows() is nullptr). A shared critic's form is made once; per-pair critics' forms for blocks of
+// kFormBlock consecutive pairs at a time (independent computations that the CPU overlaps, where
+// one per pair would wait on its divisions before the pair's loops can start).
 template <typename T>
 struct FirstLayerCache {
+  static constexpr int64_t kFormBlock = 32;
   const PairStatsCpuArgs<T>& g;
-  std::vector<T> buf;
-  int64_t unit = -1;
-  explicit FirstLayerCache(const PairStatsCpuArgs<T>& args) : g(args) {
-    if (g.pstride == 0) buf.resize(static_cast<size_t>(g.K * g.Bp));
+  const int64_t end;  // the pairs [begin, end) of the caller
+  std::vector<T> buf, form_buf;
+  ScoreForm<T> shared_form;
+  std::vector<ScoreForm<T>> forms;  // pairs [blk0, blk1)
+  int64_t blk0 = 0, blk1 = 0, unit = -1;
+  FirstLayerCache(const PairStatsCpuArgs<T>& args, int64_t end_pair) : g(args), end(end_pair) {
+    if constexpr (kThresholdGates<T>) {
+      const int64_t n = g.pstride == 0 ? 1 : kFormBlock;
+      form_buf.resize(static_cast<size_t>(n * score_form_floats<T>(g.K) + 64 / sizeof(T)));
+      forms.resize(static_cast<size_t>(n));
+    }
+    if (g.pstride == 0) {
+      buf.resize(static_cast<size_t>(g.K * g.Bp));
+      if constexpr (kThresholdGates<T>) shared_form = score_form(g.wa, g.wb, g.bias, g.v, g.K, g.hmax, form_data());
+    }
+  }
+  // form_buf from its first 64-byte boundary on (vectors stored to it do not straddle cache
+  // lines).
+  T* form_data() {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(form_buf.data());
+    return form_buf.data() + ((64 - p % 64) % 64) / sizeof(T);
+  }
+  // The form of pair p's critic, or nullptr. Pairs are asked for in increasing order.
+  const ScoreForm<T>* form(int64_t p) {
+    if constexpr (!kThresholdGates<T>) {
+      return nullptr;
+    } else {
+      if (g.pstride == 0) return shared_form.ok ? &shared_form : nullptr;
+      if (p < blk0 || p >= blk1) {
+        blk0 = p;
+        blk1 = std::min(p + kFormBlock, end);
+        const int64_t K = g.K, floats = score_form_floats<T>(K);
+        T* data = form_data();
+        for (int64_t q = blk0; q < blk1; ++q)
+          forms[q - blk0] = score_form(g.wa + q * K, g.wb + q * K, g.bias + q * K, g.v + q * K, K, g.hmax,
+                                       data + (q - blk0) * floats);
+      }
+      const ScoreForm<T>& f = forms[p - blk0];
+      return f.ok ? &f : nullptr;
+    }
   }
   const T* rows(int64_t i) {
     if (buf.empty()) return nullptr;
     if (i != unit) {
-      first_layer_rows<T>(g.hT + i * g.Bp, g.wa, g.bias, g.K, g.Bp, buf.data());
+      if (shared_form.ok) first_layer_rows<T>(g.hT + i * g.Bp, shared_form.ta, shared_form.tb, g.K, g.Bp, buf.data());
+      else first_layer_rows<T>(g.hT + i * g.Bp, g.wa, g.bias, g.K, g.Bp, buf.data());
       unit = i;
     }
     return buf.data();
@@ -400,16 +634,8 @@ struct UnitGrad {
   Vec<T> ga, gb, g1;  // sums of gate*a, gate*b, gate
 };
 
-// How unit_pass forms its gates (see there), and whether this build's loops for T may use the
-// threshold forms.
+// How unit_pass forms its gates (see there).
 constexpr int kGateX = 0, kGateAbove = 1, kGateBelow = 2;
-#ifdef MMIM_VEC_AVX2
-template <typename T>
-constexpr bool kThresholdGates = sizeof(T) == 4;
-#else
-template <typename T>
-constexpr bool kThresholdGates = false;
-#endif
 
 // One pass of unit_backward over the samples for one or two sources (kTwo); kFirst / kLast:
 // whether earlier / later passes exist that read or write dsum; kW0: the first source's weights
@@ -481,13 +707,16 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
 template <typename T, bool kH, bool kP>
 inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* const* w, T w0, T* const* gb,
                           int64_t nsrc, T wak_s, T wbk_s, T bk_s, T vk_s, T* ga, T* dsum,
-                          UnitGrad<T>& acc) {
+                          UnitGrad<T>& acc, const ScoreForm<T>* form, int64_t k) {
   using V = Vec<T>;
-  // The gates by threshold when the unit allows it (math::gate_threshold), else from x. Only the
-  // AVX2 build's float loops, the ones that run for speed, take the threshold (three versions of
-  // every pass for each instruction set and type would triple the build's compile time).
-  const math::GateThreshold<T> th = kThresholdGates<T> ? math::gate_threshold(wak_s, wbk_s, bk_s)
-                                                         : math::GateThreshold<T>{T(0), T(0), 0};
+  // The gates by threshold when the unit allows it (math::gate_threshold), else from x; in the
+  // builds with kThresholdGates only. A critic with a score form (ScoreForm: every unit's
+  // threshold safe) has unit k's threshold in it already, the same quotients.
+  math::GateThreshold<T> th{T(0), T(0), 0};
+  if constexpr (kThresholdGates<T>) {
+    if (form != nullptr) th = math::GateThreshold<T>{form->ta[k], form->tb[k], wbk_s > T(0) ? 1 : -1};
+    else th = math::gate_threshold(wak_s, wbk_s, bk_s);
+  }
   const int mode = th.sign > 0 ? kGateAbove : th.sign < 0 ? kGateBelow : kGateX;
   const V wak(mode == kGateX ? wak_s : th.ta), wbk(wbk_s), bk(mode == kGateX ? bk_s : th.tb), w0c(w0);
   const bool w0_const = w[0] == nullptr;
@@ -546,7 +775,8 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
   std::vector<const T*> src(nsrc);
   std::vector<T*> dst(nsrc);
   for (int64_t s = 0; s < nsrc; ++s) dst[s] = sc + s * kChunkSamples;
-  detail::FirstLayerCache<T> first_layer(g);
+  detail::FirstLayerCache<T> first_layer(g, end);
+  using detail::ScoreForm;
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
     const T* wb = g.wb + p * g.pstride;
@@ -554,6 +784,7 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
     const T* v = g.v + p * g.pstride;
     const T* a = g.hT + i * g.Bp;
     const T* U = first_layer.rows(i);
+    const ScoreForm<T>* form = first_layer.form(p);
     src[0] = g.hT + j * g.Bp;
     for (int64_t r = 0; r < g.R; ++r) src[1 + r] = g.hP + (r * g.m + j) * g.Bp;
     T jsum = T(0);
@@ -561,7 +792,7 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
     for (int64_t n0 = 0; n0 < g.B; n0 += kChunkSamples) {
       const int64_t n1 = std::min(n0 + kChunkSamples, g.Bp);
       const int64_t valid = std::min(n1, g.B) - n0;
-      detail::source_scores<T>(a, U, g.Bp, src.data(), dst.data(), nsrc, n0, n1, wa, wb, bias, v, g.K);
+      detail::source_scores<T>(a, U, g.Bp, src.data(), dst.data(), nsrc, n0, n1, wa, wb, bias, v, g.K, form);
       jsum += detail::range_sum(dst[0], valid);
       for (int64_t r = 0; r < g.R; ++r) st = math::lse_merge(st, detail::range_lse<T>(dst[1 + r], valid));
     }
@@ -600,7 +831,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
   std::vector<T> accv(static_cast<size_t>(3 * K * L));
   std::vector<T> sums(static_cast<size_t>(3 * K));
   std::vector<T> wmax(values ? R : 0);  // the one pass: each source's largest shuffled score
-  FirstLayerCache<T> first_layer(g);
+  FirstLayerCache<T> first_layer(g, end);
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
     const T* wb = g.wb + p * g.pstride;
@@ -608,6 +839,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     const T* v = g.v + p * g.pstride;
     const T cp = g.c[p * g.cstride];
     const T* a = g.hT + i * Bp;
+    const ScoreForm<T>* form = first_layer.form(p);
     src[0] = g.hT + j * Bp;
     for (int64_t r = 0; r < R; ++r) src[1 + r] = g.hP + (r * g.m + j) * Bp;
     if constexpr (kH) {
@@ -629,7 +861,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
         // log-sum-exp keeps each shuffled sample's exp(T - max_r), so that its weight is one
         // multiply away (math::marginal_weight_scale) instead of a second exp.
         detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data(), score_dst.data(), nsrc, 0, Bp, wa, wb,
-                                 bias, v, K);
+                                 bias, v, K, form);
         math::LseState<T> st = math::lse_empty<T>();
         for (int64_t r = 0; r < R; ++r) {
           const math::LseState<T> sr = detail::range_lse<T, true>(score_dst[1 + r], g.B);
@@ -651,7 +883,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
         }
       } else {
         detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data() + 1, score_dst.data() + 1, R, 0, Bp, wa,
-                                 wb, bias, v, K);
+                                 wb, bias, v, K, form);
         const V lme0v(lme[p] - cp), glv(gl);
         for (int64_t r = 0; r < R; ++r) {
           T* w = s.wm + r * Bp;
@@ -665,7 +897,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     for (int64_t k = 0; k < K; ++k) {
       detail::UnitGrad<T> acc{detail::Vec<T>::zero(), detail::Vec<T>::zero(), detail::Vec<T>::zero()};
       detail::unit_backward<T, kH, kP>(Bp, a, src.data(), wts.data(), gj, gsrc.data(), nsrc, wa[k], wb[k],
-                                       bias[k], v[k], kH ? s.gh + i * Bp : nullptr, s.dsum, acc);
+                                       bias[k], v[k], kH ? s.gh + i * Bp : nullptr, s.dsum, acc, form, k);
       if constexpr (kP) {
         acc.ga.store(accv.data() + k * L);
         acc.gb.store(accv.data() + (K + k) * L);

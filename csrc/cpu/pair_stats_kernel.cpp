@@ -112,9 +112,10 @@ void run_backward_or_both(const PairStatsCpuArgs<T>& g, int64_t b, int64_t e, co
 }
 
 // Data checks that would otherwise read out of bounds: permutation rows and pair indices. Also
-// rejects non-finite h, which would make every statistic of its units NaN.
-void check_values(const at::Tensor& hc, const at::Tensor& perms_c, const at::Tensor* pairs_c,
-                  int64_t B, int64_t m) {
+// rejects non-finite h, which would make every statistic of its units NaN. Returns the largest
+// |h| (PairStatsCpuArgs::hmax).
+double check_values(const at::Tensor& hc, const at::Tensor& perms_c, const at::Tensor* pairs_c,
+                    int64_t B, int64_t m) {
   const int64_t R = perms_c.size(0);
   const int64_t* pp = perms_c.data_ptr<int64_t>();
   std::vector<char> seen(B);
@@ -134,12 +135,19 @@ void check_values(const at::Tensor& hc, const at::Tensor& perms_c, const at::Ten
                   ", expected all in [0, ", m - 1, "]");
     }
   }
+  double hmax = 0.0;
   AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "pair_stats_check", [&] {
     const scalar_t* x = hc.data_ptr<scalar_t>();
     bool finite = true;
-    for (int64_t t = 0; t < hc.numel(); ++t) finite &= std::isfinite(x[t]);
+    scalar_t mx = scalar_t(0);
+    for (int64_t t = 0; t < hc.numel(); ++t) {
+      finite &= std::isfinite(x[t]);
+      mx = std::max(mx, std::abs(x[t]));
+    }
     TORCH_CHECK(finite, "pair_stats: 'h' contains NaN or infinite values");
+    hmax = static_cast<double>(mx);
   });
+  return hmax;
 }
 
 // Everything the loops need, staged: h transposed and zero padded, contiguous parameters.
@@ -147,6 +155,7 @@ struct Staged {
   at::Tensor hT, hP, perms, pairs, wa, wb, b, v, c;
   PairStatsSizes s;
   int64_t Bp;
+  double hmax;  // the largest |h|
 };
 
 Staged stage(const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb, const at::Tensor& b,
@@ -162,7 +171,7 @@ Staged stage(const at::Tensor& h, const at::Tensor& wa, const at::Tensor& wb, co
   st.perms = perms.contiguous();
   if (pairs.has_value()) st.pairs = pairs->contiguous();
   const at::Tensor hc = h.contiguous();
-  check_values(hc, st.perms, pairs.has_value() ? &st.pairs : nullptr, B, m);
+  st.hmax = check_values(hc, st.perms, pairs.has_value() ? &st.pairs : nullptr, B, m);
   st.hT = empty_cached({m, st.Bp}, h.options()).zero_();
   st.hT.narrow(1, 0, B).copy_(h.t());
   // The shuffled samples' second arguments, materialized once per call ([R][m][Bp], R times the
@@ -211,6 +220,7 @@ PairStatsCpuArgs<T> make_args(const Staged& st) {
   g.R = st.s.R;
   g.pstride = st.s.shared ? 0 : st.s.K;
   g.cstride = st.s.shared ? 0 : 1;
+  g.hmax = static_cast<T>(st.hmax);
   return g;
 }
 
