@@ -345,6 +345,23 @@ inline void first_layer_rows(const T* a, const T* wa, const T* bias, int64_t K, 
   }
 }
 
+// The first-layer term of unit k for a tile's two vectors a0, a1 of first arguments: w1[k] a +
+// w0[k] (u = wa a + bias, or a threshold t = ta a + tb), or (kU) loaded from the rows U of
+// first_layer_rows (offset to the tile, row stride us), which hold the same values.
+template <typename T, bool kU>
+inline void tile_first_layer(const T* U, int64_t us, int64_t k, const T* w1, const T* w0, const Vec<T>& a0,
+                             const Vec<T>& a1, Vec<T>& x0, Vec<T>& x1) {
+  using V = Vec<T>;
+  if constexpr (kU) {
+    x0 = V::load(U + k * us);
+    x1 = V::load(U + k * us + V::L);
+  } else {
+    const V c1(w1[k]), c0(w0[k]);
+    x0 = math::critic_u(c1, a0, c0);
+    x1 = math::critic_u(c1, a1, c0);
+  }
+}
+
 // Scores (without c) of one tile of 2 vectors for up to two sources (b1 may be null), with
 // u = wa a + bias computed once for both, or (kU) loaded from the first_layer_rows U (offset to
 // the tile, row stride us; the same values).
@@ -354,16 +371,9 @@ inline void tile_scores2(const T* a, const T* U, int64_t us, const T* b0, const 
   using V = Vec<T>;
   constexpr int L = V::L;
   // the tile's u for unit k
-#define MMIM_TILE_U(k, u0, u1)                                                   \
-  V u0, u1;                                                                      \
-  if constexpr (kU) {                                                            \
-    u0 = V::load(U + (k) * us);                                                  \
-    u1 = V::load(U + (k) * us + L);                                              \
-  } else {                                                                       \
-    const V wak_(wa[k]), bk_(bias[k]);                                           \
-    u0 = math::critic_u(wak_, a0, bk_);                                          \
-    u1 = math::critic_u(wak_, a1, bk_);                                          \
-  }
+#define MMIM_TILE_U(k, u0, u1) \
+  V u0, u1;                    \
+  tile_first_layer<T, kU>(U, us, k, wa, bias, a0, a1, u0, u1);
   const V a0 = kU ? V::zero() : V::load(a), a1 = kU ? V::zero() : V::load(a + L);
   V s00 = V::zero(), s01 = V::zero();
   if (b1 != nullptr) {
@@ -420,16 +430,9 @@ inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, c
   const T* tb = f.tb;
   const T* cp = f.cp;
   // the tile's thresholds for unit k
-#define MMIM_TILE_T(k, x0, x1)               \
-  V x0, x1;                                  \
-  if constexpr (kU) {                        \
-    x0 = V::load(U + (k) * us);              \
-    x1 = V::load(U + (k) * us + L);          \
-  } else {                                   \
-    const V tak_(ta[k]), tbk_(tb[k]);        \
-    x0 = math::critic_u(tak_, a0, tbk_);     \
-    x1 = math::critic_u(tak_, a1, tbk_);     \
-  }
+#define MMIM_TILE_T(k, x0, x1) \
+  V x0, x1;                    \
+  tile_first_layer<T, kU>(U, us, k, ta, tb, a0, a1, x0, x1);
   const V a0 = V::load(a), a1 = V::load(a + L);
   const V b00 = V::load(b0), b01 = V::load(b0 + L);
   V s00 = V::zero(), s01 = V::zero();
