@@ -173,8 +173,8 @@ int main(int argc, char** argv) {
   for (auto& x : gl) x = nd(rng);
 
   PairStatsCpuArgs<float> g{hT.data(), hP.data(), perms.data(), nullptr, wa.data(), wb.data(),
-                                  bias.data(), v.data(), c.data(), B, Bp, m, P, K, R,
-                                  o.shared ? 0 : K, o.shared ? 0 : 1};
+                            bias.data(), v.data(), c.data(), B, Bp, m, P, K, R,
+                            o.shared ? 0 : K, o.shared ? 0 : 1};
   g.hmax = 0.0f;  // the largest |h|, as the driver sets it
   for (const float x : hT) g.hmax = std::max(g.hmax, std::fabs(x));
 

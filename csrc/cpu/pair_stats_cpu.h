@@ -46,9 +46,9 @@ struct PairStatsCpuArgs {
   const T* ema = nullptr;
   T ema_log_a = T(0);
   T* ema_ratio = nullptr;
-  // The largest |h| of the call (NaN if h has one): the threshold form of the scores
-  // (pair_stats_cpu_impl.h, ScoreForm) is used only for critics whose terms stay bounded for
-  // arguments this large. Infinity (the default) leaves every critic on the direct form.
+  // The largest |h| of the call (the driver rejects non-finite h): the threshold form of the
+  // scores (pair_stats_cpu_impl.h, ScoreForm) is used only for critics whose terms stay bounded
+  // for arguments this large. Infinity (the default) or NaN leaves every critic on the direct form.
   T hmax = std::numeric_limits<T>::infinity();
 };
 
