@@ -435,6 +435,12 @@ inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, c
   tile_first_layer<T, kU>(U, us, k, ta, tb, a0, a1, x0, x1);
   const V a0 = V::load(a), a1 = V::load(a + L);
   const V b00 = V::load(b0), b01 = V::load(b0 + L);
+  // a source's score: the linear part alpha a + gamma (shared by the sources) + beta b, plus the
+  // sum over the units
+  const V alpha(f.alpha), beta(f.beta), gamma(f.gamma);
+  const auto finish = [&](const V& bn, const V& an, const V& sum, T* out) {
+    ((alpha * an + gamma + beta * bn) + sum).store(out);
+  };
   V s00 = V::zero(), s01 = V::zero();
   if (b1 != nullptr) {
     const V b10 = V::load(b1), b11 = V::load(b1 + L);
@@ -447,9 +453,8 @@ inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, c
       s10 += ck * vmax_form(b10, x0);
       s11 += ck * vmax_form(b11, x1);
     }
-    const V alpha(f.alpha), beta(f.beta), gamma(f.gamma);
-    ((alpha * a0 + gamma + beta * b10) + s10).store(t1);
-    ((alpha * a1 + gamma + beta * b11) + s11).store(t1 + L);
+    finish(b10, a0, s10, t1);
+    finish(b11, a1, s11, t1 + L);
   } else {
     // One source: units two at a time into separate sums (four accumulation chains).
     V e00 = V::zero(), e01 = V::zero();
@@ -473,9 +478,8 @@ inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, c
     s01 += e01;
   }
 #undef MMIM_TILE_T
-  const V alpha(f.alpha), beta(f.beta), gamma(f.gamma);
-  ((alpha * a0 + gamma + beta * b00) + s00).store(t0);
-  ((alpha * a1 + gamma + beta * b01) + s01).store(t0 + L);
+  finish(b00, a0, s00, t0);
+  finish(b01, a1, s01, t0 + L);
 }
 
 // Scores (without c) of samples [n0, n1) of `nsrc` sources that share the first argument a:
@@ -531,9 +535,9 @@ struct FirstLayerCache {
   int64_t blk0 = 0, blk1 = 0, unit = -1;
   FirstLayerCache(const PairStatsCpuArgs<T>& args, int64_t end_pair) : g(args), end(end_pair) {
     if constexpr (kThresholdGates<T>) {
-      const int64_t n = g.pstride == 0 ? 1 : kFormBlock;
+      const int64_t n = g.pstride == 0 ? 1 : kFormBlock;  // a shared critic's form is shared_form
       form_buf.resize(static_cast<size_t>(n * score_form_floats<T>(g.K) + 64 / sizeof(T)));
-      forms.resize(static_cast<size_t>(n));
+      if (g.pstride != 0) forms.resize(static_cast<size_t>(kFormBlock));
     }
     if (g.pstride == 0) {
       buf.resize(static_cast<size_t>(g.K * g.Bp));
