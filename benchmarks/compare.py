@@ -171,6 +171,16 @@ class CompiledReference:
         if variant != "whole" and _ref_chunk_stats is None:
             raise RuntimeError("mmim_ext.reference._chunk_stats is missing; use --compiled-variant whole")
         self.variant = variant
+        # Compile in this process, not from inductor's on-disk graph caches: their keys leave out
+        # the vector ISA the compiling process detected, so a graph compiled where inductor's ISA
+        # probe failed (scalar C++) comes back from the cache in every later run. On 2026-12-03
+        # that made the per-pair baseline 3.9x (forward) and 4.2x (forward+backward) slower.
+        # Compilation is not timed, so this costs only the minutes of compiling.
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
         self.reset()
 
     def reset(self):
@@ -462,6 +472,19 @@ def _extension_file() -> dict | None:
     return {"path": path, "mtime": mtime}
 
 
+def inductor_vec_isa() -> str:
+    """The vector ISA torch.compile's C++ code uses in this process: e.g. ``avx2``, or ``none``
+    when inductor found none (its probe builds and loads a small library; if that fails, every
+    compiled kernel is scalar)."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        isa = cpu_vec_isa.pick_vec_isa()
+    except Exception as exc:  # pragma: no cover - torch internals moved
+        return f"unknown ({type(exc).__name__}: {exc})"
+    return str(isa) if isa else "none"
+
+
 def machine_info() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
@@ -654,8 +677,17 @@ def run(args) -> dict:
           f"torch.backends.cpu.get_cpu_capability() = {info['torch_cpu_capability']}")
     print(f"# load average at start: {info.get('loadavg_start')}; kernel {info['extension_file']}")
     compiled = CompiledReference(args.compiled_variant) if "compiled" in backends else None
+    if compiled is not None:
+        info["inductor_vec_isa"] = inductor_vec_isa()
+        if info["inductor_vec_isa"] == "none" and not args.allow_scalar_baseline:
+            sys.exit("compare.py: torch.compile would generate scalar C++ here (inductor's vector-ISA probe "
+                     "failed: torch._inductor.cpu_vec_isa.pick_vec_isa() is invalid), which makes the baseline "
+                     "several times slower than it should be. Check that a fresh Python can load a library "
+                     "(nothing on sys.path shadowing a standard module), or pass --allow-scalar-baseline.")
     print(f"# torch.compile baseline: variant '{args.compiled_variant}': {_VARIANT_TEXT[args.compiled_variant]}; "
-          f"threads {args.compiled_threads or torch.get_num_threads()}")
+          f"threads {args.compiled_threads or torch.get_num_threads()}"
+          + (f"; inductor vector ISA {info['inductor_vec_isa']}, graphs compiled in this run (no on-disk graph cache)"
+             if compiled is not None else ""))
     print(f"# memory: {MEMORY_METHOD if not args.no_memory else 'not measured (--no-memory)'}")
 
     sg0 = sgemm_rate(args.sgemm_n, args.sgemm_repeats)
@@ -944,6 +976,8 @@ def parse_args(argv=None):
     p.add_argument("--sgemm-n", type=int, default=2048, help="matrix size of the sgemm roofline")
     p.add_argument("--sgemm-repeats", type=int, default=7)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--allow-scalar-baseline", action="store_true",
+                   help="time torch.compile even when inductor found no vector ISA (its kernels are then scalar)")
     p.add_argument("--compiled-threads", type=int,
                    help="thread count for the torch.compile baseline only (its many small OpenMP "
                         "regions suffer most when the machine is oversubscribed)")
