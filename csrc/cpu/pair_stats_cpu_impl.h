@@ -723,18 +723,17 @@ inline math::GateThreshold<T> unit_threshold(const ScoreForm<T>* form, int64_t k
 }
 
 // unit_pass for two hidden units at once (p, q) whose gates both compare with their threshold the
-// same way (kGate: kGateAbove or kGateBelow), over the two sources of R = 1 (joint, shuffled).
-// The samples, the weights and the three gradient rows are loaded and the rows stored once for
-// both units: per unit and vector of samples 3.5 loads and 1.5 stores instead of 7 and 3 (a
-// standalone loop: 0.84-0.85x the time of two unit_pass calls; in the kernel, the one pass with
-// the h-gradients only 0.85x; benchmarks/RESULTS.md §8 row 30).
-// The rows get unit p's terms and then q's, the order of two unit_pass calls; acc[u].gb sums
-// gate*b over both sources in one chain. kW0, kH, kP: as unit_pass.
-template <typename T, bool kH, bool kP, bool kW0, int kGate>
+// same way (kGate: kGateAbove or kGateBelow), over the two sources of R = 1 (joint, shuffled), for
+// the argument gradients alone (unit_pass's kH without kP). The samples, the weights and the three
+// gradient rows are loaded and the rows stored once for both units: per unit and vector of samples
+// 3.5 loads and 1.5 stores instead of 7 and 3 (kernel_ab: the one pass with the h-gradients only
+// 0.85-0.89x; benchmarks/RESULTS.md §8 row 30). The rows get unit p's terms and then q's, the
+// order of two unit_pass calls. kW0: as unit_pass; tp, tq: each unit's threshold coefficients ta,
+// tb and d x / d a, d x / d b (cwa, cwb).
+template <typename T, bool kW0, int kGate>
 inline void unit_pass2(int64_t Bp, const T* __restrict a, const T* __restrict b0, const T* __restrict b1,
                        const T* __restrict w0, const T* __restrict w1, T* __restrict g0, T* __restrict g1,
-                       T* __restrict ga, const Vec<T>& w0c, const Vec<T>* tp, const Vec<T>* tq,
-                       UnitGrad<T>* acc) {
+                       T* __restrict ga, const Vec<T>& w0c, const Vec<T>* tp, const Vec<T>* tq) {
   using V = Vec<T>;
   constexpr int L = V::L;
   static_assert(kGate == kGateAbove || kGate == kGateBelow, "unit_pass2 gates by threshold");
@@ -742,10 +741,8 @@ inline void unit_pass2(int64_t Bp, const T* __restrict a, const T* __restrict b0
     if constexpr (kGate == kGateAbove) return where_greater(bn, t, w);
     else return where_greater(t, bn, w);
   };
-  // tp, tq: the unit's threshold coefficients ta, tb and d x / d a, d x / d b (cwa, cwb)
   const V tap = tp[0], tbp = tp[1], cwap = tp[2], cwbp = tp[3];
   const V taq = tq[0], tbq = tq[1], cwaq = tq[2], cwbq = tq[3];
-  V pb = V::zero(), pa = V::zero(), p1 = V::zero(), qb = V::zero(), qa = V::zero(), q1 = V::zero();
   for (int64_t n = 0; n < Bp; n += L) {
     const V an = V::load(a + n);
     const V bn0 = V::load(b0 + n), bn1 = V::load(b1 + n);
@@ -756,32 +753,13 @@ inline void unit_pass2(int64_t Bp, const T* __restrict a, const T* __restrict b0
     const V up = math::critic_u(tap, an, tbp), uq = math::critic_u(taq, an, tbq);
     const V dp0 = gate(up, bn0, w0n), dp1 = gate(up, bn1, w1n);
     const V dq0 = gate(uq, bn0, w0n), dq1 = gate(uq, bn1, w1n);
-    const V Dp = dp0 + dp1, Dq = dq0 + dq1;
-    if constexpr (kP) {
-      pb += dp0 * bn0;
-      pb += dp1 * bn1;
-      qb += dq0 * bn0;
-      qb += dq1 * bn1;
-      pa += Dp * an;
-      p1 += Dp;
-      qa += Dq * an;
-      q1 += Dq;
-    }
-    if constexpr (kH) {
-      const V r0 = (V::load(g0 + n) + dp0 * cwbp) + dq0 * cwbq;
-      const V r1 = (V::load(g1 + n) + dp1 * cwbp) + dq1 * cwbq;
-      const V ra = (V::load(ga + n) + Dp * cwap) + Dq * cwaq;
-      r0.store(g0 + n);
-      r1.store(g1 + n);
-      ra.store(ga + n);
-    }
+    const V r0 = (V::load(g0 + n) + dp0 * cwbp) + dq0 * cwbq;
+    const V r1 = (V::load(g1 + n) + dp1 * cwbp) + dq1 * cwbq;
+    const V ra = (V::load(ga + n) + (dp0 + dp1) * cwap) + (dq0 + dq1) * cwaq;
+    r0.store(g0 + n);
+    r1.store(g1 + n);
+    ra.store(ga + n);
   }
-  acc[0].gb += pb;
-  acc[0].ga += pa;
-  acc[0].g1 += p1;
-  acc[1].gb += qb;
-  acc[1].ga += qa;
-  acc[1].g1 += q1;
 }
 
 // w[0] == nullptr: every sample of source 0 has the weight w0 (no padding to zero). kH, kP: see
@@ -840,39 +818,28 @@ inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* co
   }
 }
 
-// The unit loop of backward_pairs for R = 1 (sources: joint b0 with weights w0, or w0c everywhere
-// when w0 is null; shuffled b1 with weights w1; their gradient rows g0, g1; ga the first
-// argument's): the units whose gates go by threshold two at a time (unit_pass2), those with
-// [b > t] (wb > 0) among themselves and those with [b < t] among themselves; a unit left over, or
-// gated from x, alone (unit_backward). kP: the per-unit sums go to accv ([3][K] vectors: gate a,
-// gate b, gate); order: [K] scratch. backward_pairs calls it for the argument gradients alone
-// (kH, not kP). Not inlined: inlined into backward_pairs, the two-unit loops made the compiler keep
-// the other unit loops' pointers and bounds on the stack (the one pass 1.13-1.26x slower).
-template <typename T, bool kH, bool kP>
+// The unit loop of backward_pairs for R = 1 and the argument gradients alone (sources: joint b0
+// with weights w0, or w0c everywhere when w0 is null; shuffled b1 with weights w1; their gradient
+// rows g0, g1; ga the first argument's): the units whose gates go by threshold two at a time
+// (unit_pass2), those with [b > t] (wb > 0) among themselves and those with [b < t] among
+// themselves; a unit left over, or gated from x, alone (unit_backward). order: [K] scratch. Not
+// inlined: inlined into backward_pairs, two-unit loops made the compiler keep the other unit
+// loops' pointers and bounds on the stack (the one pass 1.13-1.26x slower).
+template <typename T>
 __attribute__((noinline)) void units_backward_r1(int64_t Bp, const T* a, const T* b0, const T* b1, const T* w0,
                                                  const T* w1, T w0c, T* g0, T* g1, T* ga, const T* wa,
                                                  const T* wb, const T* bias, const T* v,
-                                                 const ScoreForm<T>* form, int64_t K, T* accv, int64_t* order) {
+                                                 const ScoreForm<T>* form, int64_t K, int64_t* order) {
   using V = Vec<T>;
-  constexpr int L = V::L;
   const T* src[2] = {b0, b1};
   const T* wts[2] = {w0, w1};
   T* gsrc[2] = {g0, g1};
-  const auto store_acc = [&](int64_t k, const UnitGrad<T>& acc) {
-    if constexpr (kP) {
-      acc.ga.store(accv + k * L);
-      acc.gb.store(accv + (K + k) * L);
-      acc.g1.store(accv + (2 * K + k) * L);
-    }
-  };
   const auto one_unit = [&](int64_t k) {
-    UnitGrad<T> acc{V::zero(), V::zero(), V::zero()};
-    unit_backward<T, kH, kP>(Bp, a, src, wts, w0c, gsrc, 2, wa[k], wb[k], bias[k], v[k], ga, nullptr, acc, form,
-                             k);
-    store_acc(k, acc);
+    UnitGrad<T> unused{V::zero(), V::zero(), V::zero()};
+    unit_backward<T, true, false>(Bp, a, src, wts, w0c, gsrc, 2, wa[k], wb[k], bias[k], v[k], ga, nullptr, unused,
+                                  form, k);
   };
   const auto two_units = [&](int64_t p, int64_t q, auto gate) {
-    constexpr int G = decltype(gate)::value;
     V coef[2][4];
     for (int u = 0; u < 2; ++u) {
       const int64_t k = u == 0 ? p : q;
@@ -882,14 +849,9 @@ __attribute__((noinline)) void units_backward_r1(int64_t Bp, const T* a, const T
       coef[u][2] = V(math::critic_unit_dx(v[k], wa[k]));
       coef[u][3] = V(math::critic_unit_dx(v[k], wb[k]));
     }
-    UnitGrad<T> acc[2];
-    for (auto& x : acc) x = UnitGrad<T>{V::zero(), V::zero(), V::zero()};
-    if (w0 == nullptr)
-      unit_pass2<T, kH, kP, true, G>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, V(w0c), coef[0], coef[1], acc);
-    else
-      unit_pass2<T, kH, kP, false, G>(Bp, a, b0, b1, w0, w1, g0, g1, ga, V(w0c), coef[0], coef[1], acc);
-    store_acc(p, acc[0]);
-    store_acc(q, acc[1]);
+    constexpr int G = decltype(gate)::value;
+    if (w0 == nullptr) unit_pass2<T, true, G>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, V(w0c), coef[0], coef[1]);
+    else unit_pass2<T, false, G>(Bp, a, b0, b1, w0, w1, g0, g1, ga, V(w0c), coef[0], coef[1]);
   };
   int64_t above = 0, below = K;  // order[0, above): [b > t]; order[below, K): [b < t]
   for (int64_t k = 0; k < K; ++k) {
@@ -1045,8 +1007,8 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     bool units_done = false;
     if constexpr (kThresholdGates<T> && kH && !kP) {
       if (nsrc == 2) {
-        detail::units_backward_r1<T, kH, kP>(Bp, a, src[0], src[1], wts[0], wts[1], gj, gsrc[0], gsrc[1], ga_row,
-                                             wa, wb, bias, v, form, K, accv.data(), order.data());
+        detail::units_backward_r1<T>(Bp, a, src[0], src[1], wts[0], wts[1], gj, gsrc[0], gsrc[1], ga_row, wa, wb,
+                                     bias, v, form, K, order.data());
         units_done = true;
       }
     }
