@@ -727,7 +727,7 @@ inline math::GateThreshold<T> unit_threshold(const ScoreForm<T>* form, int64_t k
 // the argument gradients alone (unit_pass's kH without kP). The samples, the weights and the three
 // gradient rows are loaded and the rows stored once for both units: per unit and vector of samples
 // 3.5 loads and 1.5 stores instead of 7 and 3 (kernel_ab: the one pass with the h-gradients only
-// 0.85-0.89x; benchmarks/RESULTS.md §8 row 30). The rows get unit p's terms and then q's, the
+// 0.85-0.90x; benchmarks/RESULTS.md §8 row 30). The rows get unit p's terms and then q's, the
 // order of two unit_pass calls. kW0: as unit_pass; tp, tq: each unit's threshold coefficients ta,
 // tb and d x / d a, d x / d b (cwa, cwb).
 template <typename T, bool kW0, int kGate>
@@ -935,7 +935,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
   constexpr int L = detail::Vec<T>::L;
   std::vector<T> accv(static_cast<size_t>(3 * K * L));
   std::vector<T> sums(static_cast<size_t>(3 * K));
-  std::vector<int64_t> order(static_cast<size_t>(K));  // units_backward_r1's scratch
+  std::vector<int64_t> order(static_cast<size_t>(kH && !kP ? K : 0));  // units_backward_r1's scratch
   std::vector<T> wmax(values ? R : 0);  // the one pass: each source's largest shuffled score
   FirstLayerCache<T> first_layer(g, end);
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
@@ -1002,7 +1002,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
 
     T* const ga_row = kH ? s.gh + i * Bp : nullptr;
     // R = 1 with the argument gradients only (a penalty through frozen critics): the units two at a
-    // time (units_backward_r1), one pass 0.85-0.89x. With the critic's gradients wanted as well, or
+    // time (units_backward_r1), one pass 0.85-0.90x. With the critic's gradients wanted as well, or
     // only those, that did not gain (benchmarks/RESULTS.md §8 row 30), and the loop below stays.
     bool units_done = false;
     if constexpr (kThresholdGates<T> && kH && !kP) {
