@@ -9,6 +9,14 @@ of each call (``getrusage``). The parent runs ``--alternations`` pairs of proces
 each pair's ratio on / off and their median::
 
     python benchmarks/cache_ab.py --m 1024 --backend onepass --alternations 6 --json benchmarks/results/cache-ab.json
+
+With ``--builds A B`` the pairs compare two builds of the package instead (two source trees, each
+with its extension built in place: ``python setup.py build_ext --inplace``): each process imports
+``mmim_ext`` from its tree (``PYTHONPATH``; the worker reports the module it imported and the parent
+checks it), the cache at the environment's setting in both, the order of the two processes
+alternating from pair to pair, and the ratio is B / A::
+
+    python benchmarks/cache_ab.py --builds /tmp/tree-a /tmp/tree-b --alternations 16
 """
 
 from __future__ import annotations
@@ -54,20 +62,26 @@ def worker(args) -> None:
         system.append(r1.ru_stime - r0.ru_stime)
     print(json.dumps(dict(times_s=times, minor_faults=faults, system_s=system,
                           median_s=steady(times), threads=torch.get_num_threads(),
-                          cache=mmim_ext.cpu_cache_info())))
+                          cache=mmim_ext.cpu_cache_info(), module=os.path.abspath(mmim_ext.__file__))))
 
 
-def run_process(args, cache_mb: str | None) -> dict:
+def run_process(args, cache_mb: str | None, tree: str | None = None) -> dict:
     env = dict(os.environ)
     if cache_mb is not None:
         env["MMIM_EXT_CPU_CACHE_MB"] = cache_mb
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([tree] + [x for x in [env.get("PYTHONPATH")] if x])
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--m", str(args.m), "--B", str(args.B),
            "--K", str(args.K), "--R", str(args.R), "--mode", args.mode, "--backend", args.backend,
            "--calls", str(args.calls)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # Not from this script's directory: a worker started there would import the tree it sits in.
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree or None)
     if out.returncode != 0:
-        sys.exit(f"cache_ab: worker failed (MMIM_EXT_CPU_CACHE_MB={cache_mb}):\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        sys.exit(f"cache_ab: worker failed (MMIM_EXT_CPU_CACHE_MB={cache_mb}, tree {tree}):\n{out.stderr}")
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    if tree is not None and not rec["module"].startswith(os.path.join(os.path.abspath(tree), "")):
+        sys.exit(f"cache_ab: the worker for tree {tree} imported {rec['module']}")
+    return rec
 
 
 def main(argv=None) -> None:
@@ -81,13 +95,22 @@ def main(argv=None) -> None:
     p.add_argument("--calls", type=int, default=9, help="calls per process, at least 3 (the median skips the first two)")
     p.add_argument("--alternations", type=int, default=6)
     p.add_argument("--json", default=None, help="write every process's record here")
+    p.add_argument("--builds", nargs=2, metavar=("A", "B"), default=None,
+                   help="compare two source trees with in-place builds (ratio B / A) instead of the cache off / on")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.builds:
+        for tree in args.builds:
+            if not os.path.isfile(os.path.join(tree, "mmim_ext", "__init__.py")):
+                p.error(f"--builds: {tree!r} is not a source tree of mmim_ext (no mmim_ext/__init__.py)")
     for name, lo in (("m", 2), ("B", 1), ("K", 1), ("R", 1), ("alternations", 1), ("calls", 3)):
         if getattr(args, name) < lo:
             p.error(f"--{name} must be at least {lo}, got {getattr(args, name)}")
     if args.worker:
         worker(args)
+        return
+    if args.builds:
+        builds_ab(args)
         return
     on_setting = os.environ.get("MMIM_EXT_CPU_CACHE_MB")
     print(f"# cache_ab: m={args.m} B={args.B} K={args.K} R={args.R} {args.mode} {args.backend}, "
@@ -105,6 +128,32 @@ def main(argv=None) -> None:
         records.append(dict(off=off, on=on, ratio=ratio))
     print(f"# median ratio on/off {statistics.median(ratios):.3f} over {len(ratios)} pairs; "
           f"on faster in {sum(r < 1 for r in ratios)} of them")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), pairs=records, median_ratio=statistics.median(ratios)), f, indent=1)
+        print(f"# JSON: {args.json}")
+
+
+def builds_ab(args) -> None:
+    """``--builds A B``: pairs of fresh processes, one per tree, the first of a pair alternating."""
+    tree_a, tree_b = (os.path.abspath(t) for t in args.builds)
+    print(f"# cache_ab --builds: m={args.m} B={args.B} K={args.K} R={args.R} {args.mode} {args.backend}, "
+          f"{args.calls} calls per process; A = {tree_a}, B = {tree_b}")
+    print(f"{'pair':>4} {'A s':>8} {'B s':>8} {'B/A':>7}")
+    records, ratios = [], []
+    for k in range(args.alternations):
+        if k % 2 == 0:
+            a = run_process(args, None, tree_a)
+            b = run_process(args, None, tree_b)
+        else:
+            b = run_process(args, None, tree_b)
+            a = run_process(args, None, tree_a)
+        ratio = b["median_s"] / a["median_s"]
+        ratios.append(ratio)
+        print(f"{k + 1:>4} {a['median_s']:>8.4f} {b['median_s']:>8.4f} {ratio:>7.3f}", flush=True)
+        records.append(dict(a=a, b=b, ratio=ratio))
+    print(f"# median ratio B/A {statistics.median(ratios):.3f} over {len(ratios)} pairs; "
+          f"B faster in {sum(r < 1 for r in ratios)} of them")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), pairs=records, median_ratio=statistics.median(ratios)), f, indent=1)
