@@ -126,8 +126,13 @@ def main(argv=None) -> None:
               f"{steady(off['minor_faults']):>10.0f} {steady(on['minor_faults']):>6.0f}  "
               f"{steady(off['system_s']):>9.3f} {steady(on['system_s']):>6.3f}", flush=True)
         records.append(dict(off=off, on=on, ratio=ratio))
-    print(f"# median ratio on/off {statistics.median(ratios):.3f} over {len(ratios)} pairs; "
-          f"on faster in {sum(r < 1 for r in ratios)} of them")
+    summarize(args, records, ratios, "on/off", "on")
+
+
+def summarize(args, records, ratios, ratio_name: str, second: str) -> None:
+    """The pairs' median ratio (second process / first), and every record in ``--json``."""
+    print(f"# median ratio {ratio_name} {statistics.median(ratios):.3f} over {len(ratios)} pairs; "
+          f"{second} faster in {sum(r < 1 for r in ratios)} of them")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), pairs=records, median_ratio=statistics.median(ratios)), f, indent=1)
@@ -152,12 +157,7 @@ def builds_ab(args) -> None:
         ratios.append(ratio)
         print(f"{k + 1:>4} {a['median_s']:>8.4f} {b['median_s']:>8.4f} {ratio:>7.3f}", flush=True)
         records.append(dict(a=a, b=b, ratio=ratio))
-    print(f"# median ratio B/A {statistics.median(ratios):.3f} over {len(ratios)} pairs; "
-          f"B faster in {sum(r < 1 for r in ratios)} of them")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), pairs=records, median_ratio=statistics.median(ratios)), f, indent=1)
-        print(f"# JSON: {args.json}")
+    summarize(args, records, ratios, "B/A", "B")
 
 
 if __name__ == "__main__":
