@@ -56,7 +56,7 @@ def _extensions():
     # -ffp-contract=fast lets the compiler fuse a*b+c into FMAs (off by default in ISO modes).
     # -falign-loops=64 -falign-functions=64: every loop starts on a 64-byte line, so that where the
     # hot sample loops land does not depend on the code before them (benchmarks/RESULTS.md §8 row
-    # 31: the one pass 0.95x the time of the unaligned build, over 22 alternating processes).
+    # 31: the one pass 0.94x the time of the unaligned build, faster in 15 of 16 process pairs).
     cxx += ["-fvisibility=hidden", "-ffp-contract=fast", "-Wno-psabi", "-falign-loops=64", "-falign-functions=64"]
     link = []
     import torch

@@ -74,8 +74,7 @@ def run_process(args, cache_mb: str | None, tree: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--m", str(args.m), "--B", str(args.B),
            "--K", str(args.K), "--R", str(args.R), "--mode", args.mode, "--backend", args.backend,
            "--calls", str(args.calls)]
-    # Not from this script's directory: a worker started there would import the tree it sits in.
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree or None)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"cache_ab: worker failed (MMIM_EXT_CPU_CACHE_MB={cache_mb}, tree {tree}):\n{out.stderr}")
     rec = json.loads(out.stdout.strip().splitlines()[-1])
