@@ -205,17 +205,13 @@ def test_h_gradient_only_two_unit_pass(B, K, shared):
     # (units_backward_r1) pairs the units by the direction of their gate and leaves a unit over,
     # or gated from x (the edge units 0-5), to the one-unit loop. Odd K, and B with padding, give
     # units left over and padded weights; against the float64 reference.
-    inputs = with_edge_gate_units(make_inputs(B, 6, K, 1, shared=shared, dtype=torch.float32, seed=B + K))
-    got = _grads_with(inputs, {"h"}, grad_seed=1)["h"]
-    ref = _run("reference", [t.double() if torch.is_floating_point(t) else t for t in inputs[:7]] + [None], 1)[2][0]
-    scale = max(1.0, ref.abs().max().item())
-    torch.testing.assert_close(got.double() / scale, ref / scale, **TOL[torch.float32])
-    # the same inputs with every unit's gate by threshold (random weights only): all in pairs
+    # Then the same inputs with every unit's gate by threshold (random weights only): all in pairs.
     plain = make_inputs(B, 6, K, 1, shared=shared, dtype=torch.float32, seed=B + K)
-    got = _grads_with(plain, {"h"}, grad_seed=1)["h"]
-    ref = _run("reference", [t.double() if torch.is_floating_point(t) else t for t in plain[:7]] + [None], 1)[2][0]
-    scale = max(1.0, ref.abs().max().item())
-    torch.testing.assert_close(got.double() / scale, ref / scale, **TOL[torch.float32])
+    for inputs in (with_edge_gate_units(plain), plain):
+        got = _grads_with(inputs, {"h"}, grad_seed=1)["h"]
+        ref = _run("reference", [t.double() if torch.is_floating_point(t) else t for t in inputs[:7]] + [None], 1)[2][0]
+        scale = max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(got.double() / scale, ref / scale, **TOL[torch.float32])
 
 
 @requires_fused

@@ -818,18 +818,25 @@ inline void unit_backward(int64_t Bp, const T* a, const T* const* b, const T* co
   }
 }
 
+// A hidden unit and its gate threshold (units_backward_r1's order).
+template <typename T>
+struct UnitRule {
+  int64_t k;
+  math::GateThreshold<T> th;
+};
+
 // The unit loop of backward_pairs for R = 1 and the argument gradients alone (sources: joint b0
 // with weights w0, or w0c everywhere when w0 is null; shuffled b1 with weights w1; their gradient
 // rows g0, g1; ga the first argument's): the units whose gates go by threshold two at a time
 // (unit_pass2), those with [b > t] (wb > 0) among themselves and those with [b < t] among
-// themselves; a unit left over, or gated from x, alone (unit_backward). order: [K] scratch. Not
-// inlined: inlined into backward_pairs, two-unit loops made the compiler keep the other unit
+// themselves; a unit left over, or gated from x, alone (unit_backward). order: [K] scratch (each
+// unit with the threshold it was sorted by, which its pass then uses). Not inlined: inlined into backward_pairs, two-unit loops made the compiler keep the other unit
 // loops' pointers and bounds on the stack (the one pass 1.13-1.26x slower).
 template <typename T>
 __attribute__((noinline)) void units_backward_r1(int64_t Bp, const T* a, const T* b0, const T* b1, const T* w0,
                                                  const T* w1, T w0c, T* g0, T* g1, T* ga, const T* wa,
                                                  const T* wb, const T* bias, const T* v,
-                                                 const ScoreForm<T>* form, int64_t K, int64_t* order) {
+                                                 const ScoreForm<T>* form, int64_t K, UnitRule<T>* order) {
   using V = Vec<T>;
   const T* src[2] = {b0, b1};
   const T* wts[2] = {w0, w1};
@@ -839,13 +846,13 @@ __attribute__((noinline)) void units_backward_r1(int64_t Bp, const T* a, const T
     unit_backward<T, true, false>(Bp, a, src, wts, w0c, gsrc, 2, wa[k], wb[k], bias[k], v[k], ga, nullptr, unused,
                                   form, k);
   };
-  const auto two_units = [&](int64_t p, int64_t q, auto gate) {
+  const auto two_units = [&](const UnitRule<T>& p, const UnitRule<T>& q, auto gate) {
     V coef[2][4];
     for (int u = 0; u < 2; ++u) {
-      const int64_t k = u == 0 ? p : q;
-      const math::GateThreshold<T> th = unit_threshold(form, k, wa[k], wb[k], bias[k]);
-      coef[u][0] = V(th.ta);
-      coef[u][1] = V(th.tb);
+      const UnitRule<T>& r = u == 0 ? p : q;
+      const int64_t k = r.k;
+      coef[u][0] = V(r.th.ta);
+      coef[u][1] = V(r.th.tb);
       coef[u][2] = V(math::critic_unit_dx(v[k], wa[k]));
       coef[u][3] = V(math::critic_unit_dx(v[k], wb[k]));
     }
@@ -855,16 +862,16 @@ __attribute__((noinline)) void units_backward_r1(int64_t Bp, const T* a, const T
   };
   int64_t above = 0, below = K;  // order[0, above): [b > t]; order[below, K): [b < t]
   for (int64_t k = 0; k < K; ++k) {
-    const int sign = unit_threshold(form, k, wa[k], wb[k], bias[k]).sign;
-    if (sign > 0) order[above++] = k;
-    else if (sign < 0) order[--below] = k;
+    const math::GateThreshold<T> th = unit_threshold(form, k, wa[k], wb[k], bias[k]);
+    if (th.sign > 0) order[above++] = UnitRule<T>{k, th};
+    else if (th.sign < 0) order[--below] = UnitRule<T>{k, th};
     else one_unit(k);
   }
   int64_t q = 0;
   for (; q + 2 <= above; q += 2) two_units(order[q], order[q + 1], std::integral_constant<int, kGateAbove>{});
-  if (q < above) one_unit(order[q]);
+  if (q < above) one_unit(order[q].k);
   for (q = below; q + 2 <= K; q += 2) two_units(order[q], order[q + 1], std::integral_constant<int, kGateBelow>{});
-  if (q < K) one_unit(order[q]);
+  if (q < K) one_unit(order[q].k);
 }
 
 }  // namespace detail
@@ -935,7 +942,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
   constexpr int L = detail::Vec<T>::L;
   std::vector<T> accv(static_cast<size_t>(3 * K * L));
   std::vector<T> sums(static_cast<size_t>(3 * K));
-  std::vector<int64_t> order(static_cast<size_t>(kH && !kP ? K : 0));  // units_backward_r1's scratch
+  std::vector<detail::UnitRule<T>> order(static_cast<size_t>(kH && !kP ? K : 0));  // units_backward_r1's scratch
   std::vector<T> wmax(values ? R : 0);  // the one pass: each source's largest shuffled score
   FirstLayerCache<T> first_layer(g, end);
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
