@@ -54,6 +54,8 @@ except ImportError:  # pragma: no cover - only if the reference is reorganized
 FULL_GRID = dict(m=[128, 256, 512, 1024, 2048], B=[128, 256, 512], K=[8, 16, 32], R=[1, 4],
                  mode=["per_pair", "shared"])
 QUICK_GRID = dict(m=[128, 256, 512], B=[256], K=[16], R=[1], mode=["per_pair", "shared"])
+# torch.compile baselines (CompiledReference); the first is the default
+VARIANTS = ("chunk", "pairs_major", "chunk_ckpt", "whole")
 BACKENDS = ("fused", "onepass", "compiled", "eager")
 DIRECTIONS = ("fwd", "fwdbwd")
 _MODE_ALIASES = {"per_pair": "per_pair", "per-pair": "per_pair", "perpair": "per_pair",
@@ -150,13 +152,39 @@ def _checkpointed_chunk(*args):
     return checkpoint(_ref_chunk_stats, *args, use_reentrant=False)
 
 
+def _pairs_major_chunk(h, hp, wa, wb, bias, v, c, pi, pj):
+    """``(t_joint, lme)`` of one chunk of pairs: the reference's arithmetic laid out pairs-major.
+
+    Arguments as ``mmim_ext.reference._chunk_stats`` (h: ``[B, m]``, hp: ``[R, B, m]``, wa, wb,
+    bias, v: ``[P, K]``, c: ``[P]``), but the hidden layer is ``[P, B, K]`` (joint) and
+    ``[P, R, B, K]`` (shuffled), K innermost, where the reference's is ``[.., B, P, K]``.
+    """
+    a, b = h[:, pi].t(), h[:, pj].t()  # [P, B]
+    b_marg = hp[:, :, pj].permute(2, 0, 1)  # [P, R, B]
+    u = a.unsqueeze(-1) * wa.unsqueeze(1) + bias.unsqueeze(1)  # [P, B, K]
+    wb_, v_ = wb.unsqueeze(1), v.unsqueeze(1)  # [P, 1, K]
+    t_joint = (torch.relu(u + b.unsqueeze(-1) * wb_) * v_).sum(-1).mean(-1) + c
+    t_marg = (torch.relu(u.unsqueeze(1) + b_marg.unsqueeze(-1) * wb_.unsqueeze(1)) * v_.unsqueeze(1)).sum(-1)
+    # [P, R, B], flattened per pair. With [R, P, B] instead (the log-sum-exp taken over R and B
+    # after a transpose and reshape, or over two dims), torch 2.13's inductor compiled a
+    # forward+backward that corrupted the heap at R = 1 (benchmarks/RESULTS.md §35).
+    n = t_marg.shape[1] * t_marg.shape[2]
+    lme = torch.logsumexp(t_marg.flatten(1), dim=1) - math.log(n) + c
+    return t_joint, lme
+
+
 class CompiledReference:
-    """torch.compile of the reference, in one of three forms (``variant``):
+    """torch.compile of the reference, in one of four forms (``variant``):
 
     * ``chunk`` (default): the reference's chunk loop in Python, each chunk's function
-      (``mmim_ext.reference._chunk_stats``, no activation checkpointing) compiled. Inductor fuses
-      the ``[.., B, chunk, K]`` hidden layer and its backward recomputes it, so this is the
-      fastest compiled form; the forward under ``no_grad`` is what the reference itself runs.
+      (``mmim_ext.reference._chunk_stats``, no activation checkpointing; hidden layer
+      ``[.., B, chunk, K]``) compiled. Inductor fuses the hidden layer and its backward
+      recomputes it, so this is the fastest compiled form of forward+backward measured; the
+      forward under ``no_grad`` is what the reference itself runs.
+    * ``pairs_major``: the same loop with each chunk's arithmetic written pairs-major
+      (``_pairs_major_chunk``: hidden layer ``[chunk, .., B, K]``). At m=1024 its forward ran
+      0.91x and its forward+backward 1.40x the time of ``chunk`` (benchmarks/RESULTS.md §35,
+      ``benchmarks/baseline_ab.py``).
     * ``chunk_ckpt``: the same with each chunk wrapped in ``torch.utils.checkpoint`` (as the
       eager reference does when gradients are needed), compiled together.
     * ``whole``: ``torch.compile(pair_stats_reference)``; Dynamo unrolls the chunk loop, so
@@ -165,9 +193,9 @@ class CompiledReference:
     The chunk size is the reference's (scratch budget ``DEFAULT_MAX_SCRATCH_BYTES``).
     """
 
-    def __init__(self, variant: str = "chunk"):
-        if variant not in ("chunk", "chunk_ckpt", "whole"):
-            raise ValueError(f"compiled variant must be chunk, chunk_ckpt or whole, got {variant!r}")
+    def __init__(self, variant: str = VARIANTS[0]):
+        if variant not in VARIANTS:
+            raise ValueError(f"compiled variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if variant != "whole" and _ref_chunk_stats is None:
             raise RuntimeError("mmim_ext.reference._chunk_stats is missing; use --compiled-variant whole")
         self.variant = variant
@@ -191,6 +219,7 @@ class CompiledReference:
         else:
             self._plain = torch.compile(_ref_chunk_stats, dynamic=False)
             self._ckpt = torch.compile(_checkpointed_chunk, dynamic=False)
+            self._pairs_major = torch.compile(_pairs_major_chunk, dynamic=False)
 
     def __call__(self, h, wa, wb, b, v, c, perms):
         if self.variant == "whole":
@@ -204,6 +233,8 @@ class CompiledReference:
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, wa, wb, b, v, c))
         fn = self._ckpt if (self.variant == "chunk_ckpt" and needs_grad) else self._plain
         hp = h[perms]
+        if self.variant == "pairs_major":
+            fn = self._pairs_major
         t_parts, l_parts = [], []
         for start in range(0, P, chunk):
             sl = slice(start, min(P, start + chunk))
@@ -220,7 +251,10 @@ class CompiledReference:
 
 _VARIANT_TEXT = {
     "chunk": "the reference's chunk loop in Python, each chunk's function compiled WITHOUT activation "
-             "checkpointing (checkpoint compiles too, but this form is faster: the strongest baseline)",
+             "checkpointing (checkpoint compiles too, but this form is faster: the strongest baseline of "
+             "forward+backward measured)",
+    "pairs_major": "the reference's chunk loop in Python, each chunk's arithmetic written pairs-major "
+                   "([chunk, B, K] hidden layer) and compiled WITHOUT activation checkpointing",
     "chunk_ckpt": "the reference's chunk loop in Python, each chunk compiled inside torch.utils.checkpoint "
                   "(what the eager reference does under autograd)",
     "whole": "torch.compile(pair_stats_reference) as a whole (chunk loop unrolled by Dynamo)",
@@ -953,7 +987,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", nargs="+", choices=sorted(_MODE_ALIASES), help="critic mode(s)")
     p.add_argument("--direction", nargs="+", choices=DIRECTIONS, help="fwd and/or fwdbwd (default both)")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, help="backends (fused always runs)")
-    p.add_argument("--compiled-variant", default="chunk", choices=["chunk", "chunk_ckpt", "whole"],
+    p.add_argument("--compiled-variant", default=VARIANTS[0], choices=list(VARIANTS),
                    help="form of torch.compile(reference); see CompiledReference")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per backend and cell (median)")
     p.add_argument("--paired", type=int, default=0, metavar="N",
