@@ -231,10 +231,11 @@ class CompiledReference:
         per_pair = 4 * (1 + R) * B * K * h.element_size()
         chunk = max(1, min(P, DEFAULT_MAX_SCRATCH_BYTES // per_pair))
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, wa, wb, b, v, c))
-        fn = self._ckpt if (self.variant == "chunk_ckpt" and needs_grad) else self._plain
-        hp = h[perms]
         if self.variant == "pairs_major":
             fn = self._pairs_major
+        else:
+            fn = self._ckpt if (self.variant == "chunk_ckpt" and needs_grad) else self._plain
+        hp = h[perms]
         t_parts, l_parts = [], []
         for start in range(0, P, chunk):
             sl = slice(start, min(P, start + chunk))
