@@ -23,7 +23,8 @@ from dataclasses import asdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import VARIANTS, Cell, CompiledReference, make_inputs, run_once, subset_check, timed_call  # noqa: E402
+from compare import (VARIANTS, Cell, CompiledReference, make_inputs, rotated, run_once, subset_check,  # noqa: E402
+                     timed_call)
 
 
 def parse_args(argv=None):
@@ -63,7 +64,7 @@ def main(argv=None) -> dict:
     times = {name: [] for name in args.variants}
     names = list(args.variants)
     for k in range(args.rounds):
-        for name in names[k % len(names):] + names[:k % len(names)]:
+        for name in rotated(names, k):
             times[name].append(timed_call(fns[name], inputs, upstream, args.direction))
         print(f"round {k + 1}: " + ", ".join(f"{n} {times[n][-1]:.4f} s" for n in names), flush=True)
     first = names[0]

@@ -882,6 +882,13 @@ def paired_baseline(rows) -> str | None:
     return next((be for be in ("compiled", "eager") if be in timed), None)
 
 
+def rotated(names: list, k: int) -> list:
+    """``names`` in round ``k``'s order: started ``k`` places along, so that every name takes
+    every position in turn over ``len(names)`` rounds."""
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
 def paired_rounds(args, cell, direction, rows, compiled, args_t, upstream):
     """``--paired N``: N rounds after the cell's own timing, each calling every timed backend of
     the cell once, the order rotated from round to round. A round's ratio (baseline time / this
@@ -897,7 +904,7 @@ def paired_rounds(args, cell, direction, rows, compiled, args_t, upstream):
     times = {be: [] for be in names}
     threads_before = torch.get_num_threads()
     for k in range(args.paired):
-        for be in names[k % len(names):] + names[:k % len(names)]:
+        for be in rotated(names, k):
             fn = _backend_fn(be, compiled)
             if be == "compiled" and args.compiled_threads:
                 torch.set_num_threads(args.compiled_threads)
