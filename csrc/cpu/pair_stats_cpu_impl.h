@@ -482,12 +482,61 @@ inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, c
   finish(b01, a1, s01, t0 + L);
 }
 
+// tile_scores2_form for two sources over a tile of three vectors (kU as there). Each unit adds
+// one FMA to each of six sums, so each sum's chain waits on the FMA latency (4 cycles) once per
+// unit while the FMA pipes do 9 operations, where the two-vector tile's four sums bound it at
+// the latency with 6. The same sums in the same order as tile_scores2_form (max(t, b) for
+// max(b, t): equal where neither is NaN, and the form keeps them finite), so the scores are
+// bitwise the same. Used by the forward only (source_scores' kTile3): kernel_ab forward B/A
+// 0.90-0.96, while in the one pass the same loop did not gain (benchmarks/RESULTS.md §8 row 33).
+template <typename T, bool kU>
+inline void tile_scores3_form(const T* a, const T* U, int64_t us, const T* b0, const T* b1, const ScoreForm<T>& f,
+                              int64_t K, T* t0, T* t1) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const T* ta = f.ta;
+  const T* tb = f.tb;
+  const T* cp = f.cp;
+  V s00 = V::zero(), s01 = V::zero(), s02 = V::zero(), s10 = V::zero(), s11 = V::zero(), s12 = V::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    const V ck(cp[k]);
+    V x0, x1, x2;
+    if constexpr (kU) {
+      x0 = V::load(U + k * us);
+      x1 = V::load(U + k * us + L);
+      x2 = V::load(U + k * us + 2 * L);
+    } else {
+      const V c1(ta[k]), c0(tb[k]);
+      x0 = math::critic_u(c1, V::load(a), c0);
+      x1 = math::critic_u(c1, V::load(a + L), c0);
+      x2 = math::critic_u(c1, V::load(a + 2 * L), c0);
+    }
+    s00 += ck * vmax_form(x0, V::load(b0));
+    s01 += ck * vmax_form(x1, V::load(b0 + L));
+    s02 += ck * vmax_form(x2, V::load(b0 + 2 * L));
+    s10 += ck * vmax_form(x0, V::load(b1));
+    s11 += ck * vmax_form(x1, V::load(b1 + L));
+    s12 += ck * vmax_form(x2, V::load(b1 + 2 * L));
+  }
+  const V alpha(f.alpha), beta(f.beta), gamma(f.gamma);
+  const auto finish = [&](const T* bn, const T* an, const V& sum, T* out) {
+    ((alpha * V::load(an) + gamma + beta * V::load(bn)) + sum).store(out);
+  };
+  finish(b0, a, s00, t0);
+  finish(b0 + L, a + L, s01, t0 + L);
+  finish(b0 + 2 * L, a + 2 * L, s02, t0 + 2 * L);
+  finish(b1, a, s10, t1);
+  finish(b1 + L, a + L, s11, t1 + L);
+  finish(b1 + 2 * L, a + 2 * L, s12, t1 + 2 * L);
+}
+
 // Scores (without c) of samples [n0, n1) of `nsrc` sources that share the first argument a:
 // dst[s][n - n0] = T(a[n], src[s][n]). n0 and n1 are multiples of the tile width. form: null,
 // or the critic's threshold form (ScoreForm), which the loops then use (builds with
 // kThresholdGates only). U: null, or a's first_layer_rows (row stride Bp) of wa, bias, or of ta,
-// tb with a form, loaded instead of computing u or t.
-template <typename T>
+// tb with a form, loaded instead of computing u or t. kTile3: two sources of per-pair critics in
+// a form go through tile_scores3_form (the forward).
+template <typename T, bool kTile3 = false>
 inline void source_scores(const T* a, const T* U, int64_t Bp, const T* const* src, T* const* dst,
                           int64_t nsrc, int64_t n0, int64_t n1, const T* wa, const T* wb,
                           const T* bias, const T* v, int64_t K, const ScoreForm<T>* form) {
@@ -495,7 +544,19 @@ inline void source_scores(const T* a, const T* U, int64_t Bp, const T* const* sr
   T scratch[W];
   auto run = [&](auto use_u, auto use_form) {
     constexpr bool kU = decltype(use_u)::value;
-    for (int64_t n = n0; n < n1; n += W) {
+    int64_t n = n0;
+    if constexpr (kTile3 && decltype(use_form)::value && !kU) {
+      // Two sources, per-pair critics: three-vector tiles (tile_scores3_form) for an even number
+      // of them, so that the rest is a multiple of W.
+      if (nsrc == 2) {
+        constexpr int W3 = 3 * Vec<T>::L;
+        const int64_t n3 = n0 + (n1 - n0) / (2 * W3) * (2 * W3);
+        for (; n < n3; n += W3)
+          tile_scores3_form<T, kU>(a + n, kU ? U + n : nullptr, Bp, src[0] + n, src[1] + n, *form, K,
+                                   dst[0] + (n - n0), dst[1] + (n - n0));
+      }
+    }
+    for (; n < n1; n += W) {
       for (int64_t s = 0; s < nsrc; s += 2) {
         const bool two = s + 1 < nsrc;
         const T* b1 = two ? src[s + 1] + n : nullptr;
@@ -935,7 +996,8 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
     for (int64_t n0 = 0; n0 < g.B; n0 += kChunkSamples) {
       const int64_t n1 = std::min(n0 + kChunkSamples, g.Bp);
       const int64_t valid = std::min(n1, g.B) - n0;
-      detail::source_scores<T>(a, U, g.Bp, src.data(), dst.data(), nsrc, n0, n1, wa, wb, bias, v, g.K, form);
+      detail::source_scores<T, true>(a, U, g.Bp, src.data(), dst.data(), nsrc, n0, n1, wa, wb, bias, v, g.K,
+                                     form);
       jsum += detail::range_sum(dst[0], valid);
       for (int64_t r = 0; r < g.R; ++r) st = math::lse_merge(st, detail::range_lse<T>(dst[1 + r], valid));
     }
