@@ -935,15 +935,17 @@ __attribute__((noinline)) void units_backward_r1(int64_t Bp, const T* a, const T
   if (q < K) one_unit(order[q].k);
 }
 
-// The unit loop of backward_pairs for its commonest all-gradient case: R = 1, a critic with a
+// The unit loop of backward_pairs for its commonest case with the critic's gradients (with kH the
+// argument gradients too, else the critic's alone: MINE's critic steps): R = 1, a critic with a
 // score form (every unit gates by threshold), the joint weight one value w0c. The same unit_pass
 // calls as unit_backward makes there (bitwise the same results), without its per-unit choices
 // (sources, weights, flags, gate from x): the sources' pointers are set once per pair and each
 // unit only picks [b > t] or [b < t] by the sign of wb. Each unit's sums go to accv ([3][K]
 // vectors, backward_pairs' layout). Not inlined, like units_backward_r1; here GCC also keeps the
-// joint weight in a register (7 loads per iteration, not 8). kernel_ab: one pass B/A 0.935-0.961,
-// backward 0.941-0.969, the partial-gradient passes unchanged (benchmarks/RESULTS.md §8 row 32).
-template <typename T>
+// joint weight in a register (7 loads per iteration, not 8). kernel_ab: all gradients, one pass
+// B/A 0.935-0.961, backward 0.941-0.969; critic gradients only 0.936-0.943 / 0.932-0.935
+// (benchmarks/RESULTS.md §8 rows 32 and 34).
+template <typename T, bool kH>
 __attribute__((noinline)) void units_backward_r1_all(int64_t Bp, const T* a, const T* b0, const T* b1, T w0c,
                                                      const T* w1, T* g0, T* g1, T* ga, const T* wa, const T* wb,
                                                      const T* v, const ScoreForm<T>& form, int64_t K, T* accv) {
@@ -955,11 +957,11 @@ __attribute__((noinline)) void units_backward_r1_all(int64_t Bp, const T* a, con
     const V ta(form.ta[k]), tb(form.tb[k]), wbk(wb[k]);
     const V cwa(math::critic_unit_dx(v[k], wa[k])), cwb(math::critic_unit_dx(v[k], wb[k]));
     if (wb[k] > T(0))
-      unit_pass<T, true, true, true, true, true, true, kGateAbove>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
-                                                                   w0v, ta, wbk, tb, cwa, cwb, acc);
+      unit_pass<T, kH, true, true, true, true, true, kGateAbove>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
+                                                                 w0v, ta, wbk, tb, cwa, cwb, acc);
     else
-      unit_pass<T, true, true, true, true, true, true, kGateBelow>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
-                                                                   w0v, ta, wbk, tb, cwa, cwb, acc);
+      unit_pass<T, kH, true, true, true, true, true, kGateBelow>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
+                                                                 w0v, ta, wbk, tb, cwa, cwb, acc);
     acc.ga.store(accv + k * L);
     acc.gb.store(accv + (K + k) * L);
     acc.g1.store(accv + (2 * K + k) * L);
@@ -1112,11 +1114,11 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
         units_done = true;
       }
     }
-    // All gradients, R = 1, a score form and one joint weight: the unit loop without
-    // unit_backward's per-unit choices (units_backward_r1_all).
-    if constexpr (kThresholdGates<T> && kH && kP) {
+    // The critic's gradients (and the arguments' with kH), R = 1, a score form and one joint
+    // weight: the unit loop without unit_backward's per-unit choices (units_backward_r1_all).
+    if constexpr (kThresholdGates<T> && kP) {
       if (nsrc == 2 && form != nullptr && wts[0] == nullptr) {
-        detail::units_backward_r1_all<T>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0], gsrc[1], ga_row, wa, wb, v,
+        detail::units_backward_r1_all<T, kH>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0], gsrc[1], ga_row, wa, wb, v,
                                          *form, K, accv.data());
         units_done = true;
       }
