@@ -482,35 +482,25 @@ inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, c
   finish(b01, a1, s01, t0 + L);
 }
 
-// tile_scores2_form for two sources over a tile of three vectors (kU as there). Each unit adds
-// one FMA to each of six sums, so each sum's chain waits on the FMA latency (4 cycles) once per
-// unit while the FMA pipes do 9 operations, where the two-vector tile's four sums bound it at
-// the latency with 6. The same sums in the same order as tile_scores2_form (max(t, b) for
-// max(b, t): equal where neither is NaN, and the form keeps them finite), so the scores are
-// bitwise the same. Used by the forward only (source_scores' kTile3): kernel_ab forward B/A
-// 0.90-0.96, while in the one pass the same loop did not gain (benchmarks/RESULTS.md §8 row 33).
-template <typename T, bool kU>
-inline void tile_scores3_form(const T* a, const T* U, int64_t us, const T* b0, const T* b1, const ScoreForm<T>& f,
-                              int64_t K, T* t0, T* t1) {
+// tile_scores2_form for two sources over a tile of three vectors, thresholds formed (not kU).
+// Each unit adds one FMA to each of six sums, so each sum's chain waits on the FMA latency (4
+// cycles) once per unit while the FMA pipes do 9 operations, where the two-vector tile's four
+// sums bound it at the latency with 6. The same sums in the same order as tile_scores2_form
+// (max(t, b) for max(b, t): equal where neither is NaN, and the form keeps them finite), so the
+// scores are bitwise the same. Used by the forward only (source_scores' kTile3): kernel_ab
+// forward B/A 0.90-0.96, while in the one pass the same loop did not gain, and with a shared
+// critic's rows U three vectors did not gain either (benchmarks/RESULTS.md §8 row 33).
+template <typename T>
+inline void tile_scores3_form(const T* a, const T* b0, const T* b1, const ScoreForm<T>& f, int64_t K, T* t0,
+                              T* t1) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  const T* ta = f.ta;
-  const T* tb = f.tb;
-  const T* cp = f.cp;
   V s00 = V::zero(), s01 = V::zero(), s02 = V::zero(), s10 = V::zero(), s11 = V::zero(), s12 = V::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const V ck(cp[k]);
-    V x0, x1, x2;
-    if constexpr (kU) {
-      x0 = V::load(U + k * us);
-      x1 = V::load(U + k * us + L);
-      x2 = V::load(U + k * us + 2 * L);
-    } else {
-      const V c1(ta[k]), c0(tb[k]);
-      x0 = math::critic_u(c1, V::load(a), c0);
-      x1 = math::critic_u(c1, V::load(a + L), c0);
-      x2 = math::critic_u(c1, V::load(a + 2 * L), c0);
-    }
+    const V ck(f.cp[k]), c1(f.ta[k]), c0(f.tb[k]);
+    const V x0 = math::critic_u(c1, V::load(a), c0);
+    const V x1 = math::critic_u(c1, V::load(a + L), c0);
+    const V x2 = math::critic_u(c1, V::load(a + 2 * L), c0);
     s00 += ck * vmax_form(x0, V::load(b0));
     s01 += ck * vmax_form(x1, V::load(b0 + L));
     s02 += ck * vmax_form(x2, V::load(b0 + 2 * L));
@@ -552,8 +542,7 @@ inline void source_scores(const T* a, const T* U, int64_t Bp, const T* const* sr
         constexpr int W3 = 3 * Vec<T>::L;
         const int64_t n3 = n0 + (n1 - n0) / (2 * W3) * (2 * W3);
         for (; n < n3; n += W3)
-          tile_scores3_form<T, kU>(a + n, kU ? U + n : nullptr, Bp, src[0] + n, src[1] + n, *form, K,
-                                   dst[0] + (n - n0), dst[1] + (n - n0));
+          tile_scores3_form<T>(a + n, src[0] + n, src[1] + n, *form, K, dst[0] + (n - n0), dst[1] + (n - n0));
       }
     }
     for (; n < n1; n += W) {
