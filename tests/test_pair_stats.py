@@ -100,7 +100,7 @@ SHAPES = [  # B, m, K, R
     (33, 11, 5, 5),
     (64, 4, 16, 1),
     (70, 13, 3, 2),
-    (112, 5, 16, 1),  # float32 R=1: the forward's three-vector score tiles, the one pass's hoisted unit loop
+    (112, 5, 16, 1),  # float32 R=1: the forward's three-vector score tiles, the backward's units_backward_r1_form
 ]
 
 

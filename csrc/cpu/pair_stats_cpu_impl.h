@@ -935,7 +935,7 @@ __attribute__((noinline)) void units_backward_r1(int64_t Bp, const T* a, const T
 // B/A 0.935-0.961, backward 0.941-0.969; critic gradients only 0.936-0.943 / 0.932-0.935
 // (benchmarks/RESULTS.md §8 rows 32 and 34).
 template <typename T, bool kH>
-__attribute__((noinline)) void units_backward_r1_all(int64_t Bp, const T* a, const T* b0, const T* b1, T w0c,
+__attribute__((noinline)) void units_backward_r1_form(int64_t Bp, const T* a, const T* b0, const T* b1, T w0c,
                                                      const T* w1, T* g0, T* g1, T* ga, const T* wa, const T* wb,
                                                      const T* v, const ScoreForm<T>& form, int64_t K, T* accv) {
   using V = Vec<T>;
@@ -1104,11 +1104,11 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
       }
     }
     // The critic's gradients (and the arguments' with kH), R = 1, a score form and one joint
-    // weight: the unit loop without unit_backward's per-unit choices (units_backward_r1_all).
+    // weight: the unit loop without unit_backward's per-unit choices (units_backward_r1_form).
     if constexpr (kThresholdGates<T> && kP) {
       if (nsrc == 2 && form != nullptr && wts[0] == nullptr) {
-        detail::units_backward_r1_all<T, kH>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0], gsrc[1], ga_row, wa, wb, v,
-                                         *form, K, accv.data());
+        detail::units_backward_r1_form<T, kH>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0], gsrc[1], ga_row, wa, wb, v,
+                                              *form, K, accv.data());
         units_done = true;
       }
     }
