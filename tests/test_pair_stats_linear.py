@@ -82,6 +82,32 @@ def test_gate_threshold_edge_weights(R, shared, dtype):
 
 @requires_fused
 @pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("hscale", [1.0, 1e3])
+def test_joint_statistic_summed_unit_by_unit(shared, hscale):
+    # R = 1, float32, B a multiple of the tile: the CPU one pass does not score the joint samples
+    # one by one; its unit loop sums each unit's max(b, t) over them and t_joint is formed from
+    # those sums (pair_stats_cpu_impl.h, joint_in_units). h from a ReLU with zero biases gives
+    # exact ties b == t; a large h scale, large terms that cancel in the sum.
+    h, wa, wb, b, v, c, perms, pairs = make_inputs(64, 7, 16, 1, shared=shared, dtype=torch.float32, seed=31)
+    h = (h * hscale).relu()
+    b = torch.where(torch.arange(16) % 2 == 0, torch.zeros_like(b), b)
+    inputs = (h, wa, wb, b, v, c, perms, pairs)
+    ct, cl = _coefs(21, torch.float32, "cpu")
+    got = _linear(inputs, ct, cl)
+    # the statistics against the float64 reference, to float32 rounding of their terms' size
+    ref = [x.double() for x in (h, wa, wb, b, v, c)]
+    t64, l64 = mmim_ext.pair_stats(*ref, perms, backend="reference")
+    size = mmim_ext.pair_stats(*(x.abs() for x in ref), perms, backend="reference")[0]
+    assert ((got[1].double() - t64).abs() <= 1e-5 * size + 1e-6).all()
+    assert ((got[2].double() - l64).abs() <= 1e-5 * size + 1e-6).all()
+    if hscale == 1.0:
+        # (at h ~ 1e3 the shuffled scores' rounding moves the float32 softmax weights, so the
+        # gradients of two float32 computations differ by more than TOL)
+        _assert_same(got, _autograd(inputs, ct, cl, backend="reference"), torch.float32)
+
+
+@requires_fused
+@pytest.mark.parametrize("shared", [True, False])
 def test_explicit_pairs_and_reference_backend(shared):
     pairs = torch.tensor([[3, 1], [2, 2], [0, 4], [4, 0]])
     inputs = make_inputs(13, 5, 6, 2, shared=shared, pairs=pairs)
