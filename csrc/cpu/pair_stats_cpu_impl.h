@@ -74,8 +74,9 @@ struct Vec {
     return r;
   }
   // A load the compiler keeps in a register. Without the empty asm GCC folds a loaded value used
-  // by two instructions into both as memory operands, which costs a second load; the backward's
-  // unit loop is bound by its loads and stores (two 32-byte ones per cycle), not by arithmetic.
+  // by two instructions into both as memory operands, which costs a second load (the backward's
+  // unit loop with its loads kept in registers: 2.82 -> 2.14 ns per iteration, benchmarks/
+  // RESULTS.md §8 row 14; that loop is now bound by its vector FP operations, §8 after row 35).
   static Vec load_reg(const T* p) {
     Vec r = load(p);
 #ifdef MMIM_VEC_AVX2
