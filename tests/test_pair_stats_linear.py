@@ -264,12 +264,14 @@ def _mine_rule(P, dtype, seed=21):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shared", [False, True])
-def test_mine_rule_equals_the_linear_one_pass_with_the_ratio(dtype, shared, device):
+@pytest.mark.parametrize("B,R", [(10, 2), (32, 1)])
+def test_mine_rule_equals_the_linear_one_pass_with_the_ratio(B, R, dtype, shared, device):
     # The op's gradients are pair_stats_fwd_bwd's with grad_lme[p] times
     # exp(lme[p] - logaddexp(ema[p, 0], log_a + lme[p]) + ema[p, 1]), the ratio formed from the
     # lme the pass computes; the expected values come from the CPU ops (on CUDA the op runs the
-    # forward and backward kernels with the ratio applied between them).
-    inputs = make_inputs(10, 4, 3, 2, shared=shared, dtype=dtype, seed=5)
+    # forward and backward kernels with the ratio applied between them). B=32, R=1 in float32:
+    # the CPU pass that sums the joint scores unit by unit (joint_in_units).
+    inputs = make_inputs(B, 4, 3, R, shared=shared, dtype=dtype, seed=5)
     h, wa, wb, b, v, c, perms, pairs = inputs
     P = 6
     ct, cl = _coefs(P, dtype, "cpu")
