@@ -1032,11 +1032,10 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     wts[1 + r] = s.wm + r * Bp;
     score_dst[1 + r] = s.wm + r * Bp;
   }
-  // Per pair: the three per-unit sum vectors ([3][K] vectors: gate a, gate b, gate) and their
-  // lane sums.
+  // Per pair: the per-unit sum vectors ([3][K] vectors: gate a, gate b, gate; with the one pass's
+  // joint scores summed in the unit loop (joint_in_units) a fourth row, the sums over the joint
+  // samples of max(b, t_k)) and their lane sums.
   constexpr int L = detail::Vec<T>::L;
-  // The one pass's joint scores summed unit by unit in the unit loop (joint_in_units): a fourth
-  // [K] row of sum vectors (sums over the samples of max(b, t_k)).
   std::vector<T> accv(static_cast<size_t>(4 * K * L));
   std::vector<T> sums(static_cast<size_t>(4 * K));
   std::vector<detail::UnitRule<T>> order(static_cast<size_t>(kH && !kP ? K : 0));  // units_backward_r1's scratch
