@@ -1040,6 +1040,14 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
   std::vector<T> sums(static_cast<size_t>(4 * K));
   std::vector<detail::UnitRule<T>> order(static_cast<size_t>(kH && !kP ? K : 0));  // units_backward_r1's scratch
   std::vector<T> wmax(values ? R : 0);  // the one pass: each source's largest shuffled score
+  // joint_in_units: the sums over the batch of the rows of hT (both arguments of a joint sample
+  // are rows of hT), each formed when a pair first needs it (NaN: not yet).
+  std::vector<T> row_sums(values ? static_cast<size_t>(g.m) : 0, std::numeric_limits<T>::quiet_NaN());
+  const auto row_sum = [&](int64_t r) {
+    T& sum = row_sums[r];
+    if (sum != sum) sum = detail::range_sum(g.hT + r * Bp, g.B);
+    return sum;
+  };
   FirstLayerCache<T> first_layer(g, end);
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
@@ -1068,9 +1076,10 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     // all the statistic needs, and the joint weight does not depend on them). The score tile
     // scores the shuffled samples alone, and the unit loop sums each unit's max(b, t_k) over the
     // joint samples (unit_pass's kJ); t_joint is formed from those sums after it.
-    bool joint_in_units = false;
-    if constexpr (kThresholdGates<T> && kP)
-      joint_in_units = values && nsrc == 2 && form != nullptr && wts[0] == nullptr;
+    // r1_form: units_backward_r1_form's case (below); joint_in_units: that case in the one pass.
+    bool r1_form = false;
+    if constexpr (kThresholdGates<T> && kP) r1_form = nsrc == 2 && form != nullptr && wts[0] == nullptr;
+    const bool joint_in_units = values && r1_form;
     {
       using V = detail::Vec<T>;
       if (values) {
@@ -1130,13 +1139,14 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     // The critic's gradients (and the arguments' with kH), R = 1, a score form and one joint
     // weight: the unit loop without unit_backward's per-unit choices (units_backward_r1_form).
     if constexpr (kThresholdGates<T> && kP) {
-      if (nsrc == 2 && form != nullptr && wts[0] == nullptr) {
-        if (joint_in_units)
-          detail::units_backward_r1_form<T, kH, true>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0], gsrc[1], ga_row, wa,
-                                                      wb, v, *form, K, accv.data());
-        else
-          detail::units_backward_r1_form<T, kH>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0], gsrc[1], ga_row, wa, wb,
-                                                v, *form, K, accv.data());
+      if (r1_form) {
+        const auto run = [&](auto joint) {
+          detail::units_backward_r1_form<T, kH, decltype(joint)::value>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0],
+                                                                        gsrc[1], ga_row, wa, wb, v, *form, K,
+                                                                        accv.data());
+        };
+        if (joint_in_units) run(std::true_type{});
+        else run(std::false_type{});
         units_done = true;
       }
     }
@@ -1160,8 +1170,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
       const T* sj = sums.data() + 3 * K;
       T units = T(0);
       for (int64_t k = 0; k < K; ++k) units += form->cp[k] * sj[k];
-      const T jsum = form->alpha * detail::range_sum(a, g.B) + form->gamma * static_cast<T>(g.B) +
-                     form->beta * detail::range_sum(src[0], g.B) + units;
+      const T jsum = form->alpha * row_sum(i) + form->gamma * static_cast<T>(g.B) + form->beta * row_sum(j) + units;
       t_out[p] = cp + jsum / static_cast<T>(g.B);
     }
     // d/dwa = v sum(gate a), d/dwb = v sum(gate b), d/dbias = v sum(gate),
