@@ -44,10 +44,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 import mmim_ext
-from mmim_ext.reference import DEFAULT_MAX_SCRATCH_BYTES, all_pairs, pair_stats_reference
+from mmim_ext.ops.reference import DEFAULT_MAX_SCRATCH_BYTES, all_pairs, pair_stats_reference
 
 try:  # the reference's per-chunk function: what a user would hand to torch.compile
-    from mmim_ext.reference import _chunk_stats as _ref_chunk_stats
+    from mmim_ext.ops.reference import _chunk_stats as _ref_chunk_stats
 except ImportError:  # pragma: no cover - only if the reference is reorganized
     _ref_chunk_stats = None
 
@@ -155,7 +155,7 @@ def _checkpointed_chunk(*args):
 def _pairs_major_chunk(h, hp, wa, wb, bias, v, c, pi, pj):
     """``(t_joint, lme)`` of one chunk of pairs: the reference's arithmetic laid out pairs-major.
 
-    Arguments as ``mmim_ext.reference._chunk_stats`` (h: ``[B, m]``, hp: ``[R, B, m]``, wa, wb,
+    Arguments as ``mmim_ext.ops.reference._chunk_stats`` (h: ``[B, m]``, hp: ``[R, B, m]``, wa, wb,
     bias, v: ``[P, K]``, c: ``[P]``), but the hidden layer is ``[P, B, K]`` (joint) and
     ``[P, R, B, K]`` (shuffled), K innermost, where the reference's is ``[.., B, P, K]``.
     """
@@ -177,7 +177,7 @@ class CompiledReference:
     """torch.compile of the reference, in one of four forms (``variant``):
 
     * ``chunk`` (default): the reference's chunk loop in Python, each chunk's function
-      (``mmim_ext.reference._chunk_stats``, no activation checkpointing; hidden layer
+      (``mmim_ext.ops.reference._chunk_stats``, no activation checkpointing; hidden layer
       ``[.., B, chunk, K]``) compiled. Inductor fuses the hidden layer and its backward
       recomputes it, so this is the fastest compiled form of forward+backward measured; the
       forward under ``no_grad`` is what the reference itself runs.
@@ -197,7 +197,7 @@ class CompiledReference:
         if variant not in VARIANTS:
             raise ValueError(f"compiled variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if variant != "whole" and _ref_chunk_stats is None:
-            raise RuntimeError("mmim_ext.reference._chunk_stats is missing; use --compiled-variant whole")
+            raise RuntimeError("mmim_ext.ops.reference._chunk_stats is missing; use --compiled-variant whole")
         self.variant = variant
         # Compile in this process, not from inductor's on-disk graph caches: their keys leave out
         # the vector ISA the compiling process detected, so a graph compiled where inductor's ISA

@@ -1,4 +1,4 @@
-"""Training diagnostics of the Zhao & Sun reading of deep learning (DESIGN.md §5).
+"""Training diagnostics of the Zhao & Sun reading of deep learning (docs/design.md).
 
 * :class:`GradientSNR` — per layer, ``||mean of minibatch gradients|| / ||their std||`` over an
   epoch (the drift / diffusion phases of Shwartz-Ziv & Tishby), and :func:`weight_norms`.
@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from mmim_ext.layers import ResidualBlock
 
 __all__ = [
     "DEFAULT_QUANTILES",
@@ -146,25 +148,6 @@ def weight_norms(model: nn.Module, layers: Mapping[str, nn.Module] | None = None
 
 def _sample_norms(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(t.shape[0], -1).to(torch.float64).norm(dim=1)
-
-
-class ResidualBlock(nn.Module):
-    """``y = shortcut(x) + branch(x)`` (``shortcut=None``: identity).
-
-    :class:`ResidualRatioMonitor` finds these blocks and records ``||branch(x)|| / ||shortcut(x)||``
-    per sample; with the identity shortcut that is ``||F(x)|| / ||x||``, which stays below 1
-    when the block is invertible in the sense of Zhao & Sun.
-    """
-
-    def __init__(self, branch: nn.Module, shortcut: nn.Module | None = None):
-        super().__init__()
-        self.branch = branch
-        self.shortcut = shortcut
-
-    def forward(self, x):
-        f = self.branch(x)  # the branch runs first: the monitor's shortcut hook relies on this order
-        s = x if self.shortcut is None else self.shortcut(x)
-        return s + f
 
 
 def residual_ratios(block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:

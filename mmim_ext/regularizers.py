@@ -1,6 +1,6 @@
 """Information regularizers: MMIM (C1 = C4 + C5 + C6), its ablations, RDM, and C3.
 
-Notation (DESIGN.md §1), for the features ``h = (h_1..h_m)`` of the layer before the output
+Notation (docs/design.md), for the features ``h = (h_1..h_m)`` of the layer before the output
 layer and the label ``Y``:
 
 * ``C4 = I(h)``              redundancy among the units (to minimize),
@@ -37,7 +37,7 @@ Choices worth knowing:
   inside the graph) by a log-sum-exp: it is finite for any finite features, however large,
   and scaling the features does not change it.
 
-C3 (DESIGN.md §4) is not a feature regularizer: :class:`GaussianLinear` is the Gaussian output
+C3 (docs/design.md) is not a feature regularizer: :class:`mmim_ext.layers.GaussianLinear` is the Gaussian output
 layer whose ``kl()`` divided by the training-set size is the C3 bound; see
 :func:`mmim_ext.training.train_c3`.
 """
@@ -49,20 +49,10 @@ import math
 import torch
 from torch import nn
 
-from mmim_ext.estimators import (
-    ESTIMATORS,
-    NEGATIVES,
-    PairwiseMINE,
-    TotalCorrelationMINE,
-    UnitLabelMINE,
-    _check_choice,
-    _check_features,
-    _check_labels,
-    _check_positive_int,
-    critic_adam,
-)
+from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
+from mmim_ext.estimators import BOUNDS, NEGATIVES, PairwiseMINE, TotalCorrelationMINE, UnitLabelMINE, critic_adam
 
-__all__ = ["GaussianLinear", "MMIMRegularizer", "REGULARIZERS", "make_regularizer"]
+__all__ = ["MMIMRegularizer", "REGULARIZERS", "make_regularizer"]
 
 _MODES = ("pairwise", "total")
 
@@ -92,7 +82,7 @@ class MMIMRegularizer(nn.Module):
         critic_steps: critic updates per call in training mode.
         estimator: ``"mine"``, ``"nwj"`` or ``"smile"``.
         negatives, num_negatives: negative samples of the pairwise critics
-            (see :func:`mmim_ext.estimators.make_perms`); ``num_negatives`` is also the number
+            (see :func:`mmim_ext.make_perms`); ``num_negatives`` is also the number
             of product-of-marginals draws in ``"total"`` mode.
         max_pairs: evaluate a random subset of this many pairs per call (``None``: all).
         ema, smile_clip: see :class:`mmim_ext.PairwiseMINE`.
@@ -106,12 +96,12 @@ class MMIMRegularizer(nn.Module):
                  ema: float = 0.01, smile_clip: float = 5.0, backend: str = "auto"):
         super().__init__()
         owner = "MMIMRegularizer"
-        _check_positive_int(owner, "num_units", num_units, 2)
-        _check_positive_int(owner, "num_classes", num_classes, 2)
-        _check_positive_int(owner, "critic_steps", critic_steps, 0)
-        _check_choice(owner, "mode", mode, _MODES)
-        _check_choice(owner, "estimator", estimator, ESTIMATORS)
-        _check_choice(owner, "negatives", negatives, NEGATIVES)
+        check_positive_int(owner, "num_units", num_units, 2)
+        check_positive_int(owner, "num_classes", num_classes, 2)
+        check_positive_int(owner, "critic_steps", critic_steps, 0)
+        check_choice(owner, "mode", mode, _MODES)
+        check_choice(owner, "estimator", estimator, BOUNDS)
+        check_choice(owner, "negatives", negatives, NEGATIVES)
         for name, val in (("c4", c4), ("c5", c5), ("c6", c6)):
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
                 raise ValueError(f"{owner}: argument '{name}' must be a finite number, got {val!r}")
@@ -120,7 +110,7 @@ class MMIMRegularizer(nn.Module):
         if not float(critic_lr) > 0:
             raise ValueError(f"{owner}: argument 'critic_lr' must be > 0, got {critic_lr!r}")
         if max_pairs is not None:
-            _check_positive_int(owner, "max_pairs", max_pairs)
+            check_positive_int(owner, "max_pairs", max_pairs)
         self.num_units, self.num_classes = num_units, num_classes
         self.weights = {"c4": float(c4), "c5": float(c5), "c6": float(c6)}
         self.mode = mode
@@ -175,10 +165,10 @@ class MMIMRegularizer(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Critic updates (training mode), then the penalty (scalar tensor, nats)."""
         owner = "MMIMRegularizer"
-        _check_features(owner, "features", features, self.num_units)
+        check_features(owner, "features", features, self.num_units)
         if not bool(torch.isfinite(features.detach()).all()):
             raise ValueError(f"{owner}: argument 'features' contains NaN or infinite values")
-        _check_labels(owner, labels, features.shape[0], self.num_classes)
+        check_labels(owner, labels, features.shape[0], self.num_classes)
         active = [k for k, w in self.weights.items() if w != 0]
         index, scale = self._pair_index(features.device)
         if self.training and self.critic_steps > 0:
@@ -221,110 +211,3 @@ def make_regularizer(name: str, num_units: int, num_classes: int, **kw) -> MMIMR
                                  f"got {k}={kw[k]!r} (use name='mmim' to combine terms freely)")
             weights[k] = kw.pop(k)
     return MMIMRegularizer(num_units, num_classes, **weights, **kw)
-
-
-# ---------------------------------------------------------------------------------------------
-# C3
-
-
-def _inv_softplus(x: float) -> float:
-    return x + math.log(-math.expm1(-x))
-
-
-class GaussianLinear(nn.Module):
-    """Linear layer with Gaussian weights ``Q = N(mu, diag sigma^2)`` and a fixed Gaussian prior
-    ``P = N(mu0, prior_std^2 I)`` (weights and bias alike).
-
-    ``mu`` is stored in ``weight`` ``[out, in]`` and ``bias`` ``[out]`` (so code that reads
-    ``layer.weight`` sees the mean), ``sigma = softplus(weight_rho)`` / ``softplus(bias_rho)``.
-
-    Args:
-        in_features, out_features: sizes.
-        prior_std: ``lambda``, standard deviation of the prior.
-        init_from: an ``nn.Linear`` whose weights initialize ``mu`` AND the prior mean ``mu0``
-            ("the layer's initialization", DESIGN.md §4). Without it both come from
-            ``nn.Linear``'s default initialization.
-        prior_from: optional ``nn.Linear`` that sets ``mu0`` instead (e.g. the head's weights
-            before stage-1 training, which keeps the prior independent of the data while
-            ``mu`` starts from the trained head).
-        init_std: initial ``sigma`` (default ``prior_std / 10``).
-
-    In training mode ``forward`` samples with the local reparameterization trick (the output
-    ``x W^T + b`` is Gaussian with mean ``x mu^T + mu_b`` and variance ``x^2 sigma^2 + sigma_b^2``,
-    sampled per example): an unbiased, lower-variance estimate of ``E_Q[loss]`` per example.
-    In eval mode it uses the mean.
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, prior_std: float = 0.1,
-                 init_from: nn.Linear | None = None, prior_from: nn.Linear | None = None,
-                 init_std: float | None = None):
-        super().__init__()
-        owner = "GaussianLinear"
-        _check_positive_int(owner, "in_features", in_features)
-        _check_positive_int(owner, "out_features", out_features)
-        if not (isinstance(prior_std, (int, float)) and math.isfinite(prior_std) and prior_std > 0):
-            raise ValueError(f"{owner}: argument 'prior_std' must be a finite number > 0, got {prior_std!r}")
-        init_std = prior_std / 10 if init_std is None else init_std
-        if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
-            raise ValueError(f"{owner}: argument 'init_std' must be a finite number > 0, got {init_std!r}")
-        for name, lin in (("init_from", init_from), ("prior_from", prior_from)):
-            if lin is None:
-                continue
-            if not isinstance(lin, nn.Linear):
-                raise TypeError(f"{owner}: argument '{name}' must be an nn.Linear or None, got {type(lin).__name__}")
-            if lin.in_features != in_features or lin.out_features != out_features:
-                raise ValueError(f"{owner}: argument '{name}' is Linear({lin.in_features}, {lin.out_features}), "
-                                 f"expected Linear({in_features}, {out_features})")
-        self.in_features, self.out_features = in_features, out_features
-        self.prior_std = float(prior_std)
-        src = init_from if init_from is not None else nn.Linear(in_features, out_features)
-        w0 = src.weight.detach().clone()
-        b0 = src.bias.detach().clone() if src.bias is not None else torch.zeros(out_features, dtype=w0.dtype)
-        self.weight = nn.Parameter(w0.clone())
-        self.bias = nn.Parameter(b0.clone())
-        rho = _inv_softplus(float(init_std))
-        self.weight_rho = nn.Parameter(torch.full_like(w0, rho))
-        self.bias_rho = nn.Parameter(torch.full_like(b0, rho))
-        if prior_from is not None:
-            w0 = prior_from.weight.detach().clone()
-            b0 = prior_from.bias.detach().clone() if prior_from.bias is not None else torch.zeros_like(b0)
-        self.register_buffer("prior_weight", w0.to(self.weight.device))
-        self.register_buffer("prior_bias", b0.to(self.weight.device))
-
-    @property
-    def weight_std(self) -> torch.Tensor:
-        return nn.functional.softplus(self.weight_rho)
-
-    @property
-    def bias_std(self) -> torch.Tensor:
-        return nn.functional.softplus(self.bias_rho)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.shape[-1] != self.in_features:
-            raise ValueError(f"GaussianLinear: argument 'x' must have last dimension {self.in_features}, "
-                             f"got {list(getattr(x, 'shape', []))}")
-        mean = nn.functional.linear(x, self.weight, self.bias)
-        if not self.training:
-            return mean
-        var = nn.functional.linear(x * x, self.weight_std.pow(2), self.bias_std.pow(2))
-        return mean + torch.sqrt(var.clamp_min(1e-30)) * torch.randn_like(mean)
-
-    def sample_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draw ``(W [out, in], b [out])`` from ``Q``."""
-        w = self.weight + self.weight_std * torch.randn_like(self.weight)
-        b = self.bias + self.bias_std * torch.randn_like(self.bias)
-        return w, b
-
-    def kl(self) -> torch.Tensor:
-        """``KL(Q || P)`` in nats (scalar tensor, differentiable)."""
-        lam2 = self.prior_std ** 2
-        total = self.weight.new_zeros(())
-        for mu, rho, mu0 in ((self.weight, self.weight_rho, self.prior_weight),
-                             (self.bias, self.bias_rho, self.prior_bias)):
-            sigma = nn.functional.softplus(rho)
-            total = total + (math.log(self.prior_std) - torch.log(sigma.clamp_min(1e-30))
-                             + (sigma.pow(2) + (mu - mu0).pow(2)) / (2 * lam2) - 0.5).sum()
-        return total
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, prior_std={self.prior_std}"

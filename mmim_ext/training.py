@@ -9,7 +9,7 @@ The regularizers act on the body's output; C3 replaces the head by a
 
 Loaders yield ``(inputs, labels)`` with int64 labels ``[B]``.
 
-MMIM (DESIGN.md §1, §4): stage 1 trains body and head on ``CE + reg_weight * C1``
+MMIM (docs/design.md): stage 1 trains body and head on ``CE + reg_weight * C1``
 (:func:`train_classifier` with a :class:`mmim_ext.MMIMRegularizer`); stage 2 freezes the body
 and trains a Gaussian head on ``E_Q[CE] + beta * KL(Q||P) / n`` (:func:`train_c3`), where
 ``KL/n`` is the reported C3 bound. :func:`train_mmim` runs both.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmim_ext.regularizers import GaussianLinear
+from mmim_ext.layers import GaussianLinear
 
 __all__ = ["accuracy", "train_c3", "train_classifier", "train_mmim"]
 

@@ -281,7 +281,7 @@ def test_cuda_half_precision_against_float32(dtype, shared):
 
 
 def _kde_ops():
-    kde_ops = pytest.importorskip("mmim_ext.kde_ops")
+    kde_ops = pytest.importorskip("mmim_ext.ops.kde")
     if not kde_ops.kde_fused_available("cuda"):
         pytest.skip("mmim_ext was built without the CUDA kde_lse kernel")
     return kde_ops

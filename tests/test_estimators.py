@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mmim_ext
-from mmim_ext.estimators import _LogEMA, _mine_loss
+from mmim_ext.estimators.bounds import LogEMA, mine_loss
 
 FUSED = mmim_ext.fused_available("cpu")
 
@@ -81,7 +81,7 @@ def test_make_perms_all_covers_every_other_sample():
 
 
 def test_ema_starts_bias_corrected():
-    ema = _LogEMA(2, 0.01)
+    ema = LogEMA(2, 0.01)
     first = ema.update(torch.tensor([0.3, -1.0]))
     assert torch.allclose(first, torch.tensor([0.3, -1.0]), atol=1e-6)  # not 0.01 * value
     second = ema.update(torch.tensor([1.3, 0.0]))
@@ -94,9 +94,9 @@ def test_ema_starts_bias_corrected():
 def test_mine_loss_gradient_uses_the_moving_average():
     t_joint = torch.tensor([0.5], requires_grad=True)
     lme = torch.tensor([0.2], requires_grad=True)
-    ema = _LogEMA(1, 0.5)
+    ema = LogEMA(1, 0.5)
     ema.update(torch.tensor([0.2 - math.log(2.0)]))  # history: E_Q[e^T] was half of the batch's
-    loss = _mine_loss(t_joint, lme, ema)
+    loss = mine_loss(t_joint, lme, ema)
     loss.sum().backward()
     # value is the plain DV bound; d/d lme = exp(lme) / EMA, EMA = bias-corrected mean of
     # (e^lme / 2, e^lme) with weights (0.5*0.5, 0.5) / 0.75 -> e^lme * (0.25*0.5 + 0.5) / 0.75
@@ -180,12 +180,12 @@ def test_critic_loss_matches_forward(estimator, training, backend, per_pair, sub
     # critic gradient and the moving average's state.
     import copy
 
-    from mmim_ext import estimators
+    from mmim_ext.estimators import pairwise as estimators
 
     one_pass = estimator == "mine" and training and backend != "reference" and FUSED
     calls = []
-    real = estimators._pair_stats_mine_loss
-    monkeypatch.setattr(estimators, "_pair_stats_mine_loss", lambda *a: calls.append(1) or real(*a))
+    real = estimators.pair_stats_mine_loss
+    monkeypatch.setattr(estimators, "pair_stats_mine_loss", lambda *a: calls.append(1) or real(*a))
     B, m = 40, 5
     g = torch.Generator().manual_seed(6)
     labels = torch.arange(B) % 3 if conditional else None
@@ -443,7 +443,7 @@ def test_unit_label_mi():
 def test_label_critic_scores_chunks_match_the_direct_formula(chunk):
     # UnitLabelMINE's scores over chunks of units (5 units: ragged last chunk for chunk=2) against
     # sum_k v relu(base + emb) written out, values and every gradient, and gradcheck in float64.
-    from mmim_ext.estimators import _LabelCriticScores
+    from mmim_ext.ops.label_scores import _LabelCriticScores
 
     g = torch.Generator().manual_seed(4)
     B, m, C, K = 6, 5, 3, 4
@@ -466,7 +466,7 @@ def test_label_critic_scores_chunks_match_the_direct_formula(chunk):
 
 def test_unit_label_scores_on_the_cpu_use_several_chunks(monkeypatch):
     # A small chunk budget: the module's estimates and gradients are those of one chunk.
-    import mmim_ext.estimators as est_mod
+    import mmim_ext.ops.label_scores as est_mod
 
     g = torch.Generator().manual_seed(5)
     h = torch.randn(64, 7, generator=g, dtype=torch.float64, requires_grad=True)
@@ -475,7 +475,7 @@ def test_unit_label_scores_on_the_cpu_use_several_chunks(monkeypatch):
     mod = mmim_ext.UnitLabelMINE(7, 3, hidden=4).double().eval()  # eval: no EMA state between runs
     runs = []
     for budget in (1 << 30, 64 * 3 * 4 * 8 * 2):  # everything in one chunk; chunks of 2 units
-        monkeypatch.setattr(est_mod, "_LABEL_CHUNK_BYTES", budget)
+        monkeypatch.setattr(est_mod, "LABEL_CHUNK_BYTES", budget)
         mod.zero_grad(set_to_none=True)
         est, loss = mod(h, y)
         (gh,) = torch.autograd.grad(loss, h, retain_graph=True)

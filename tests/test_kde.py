@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmim_ext.kde_ops import kde_fused_available, kde_lse, kde_lse_reference
+from mmim_ext.ops.kde import kde_fused_available, kde_lse, kde_lse_reference
 
 requires_kde = pytest.mark.skipif(not kde_fused_available("cpu"), reason="compiled kde_lse kernel not built")
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
@@ -203,7 +203,7 @@ _SCRIPT = r"""
 import json, sys
 import torch
 import mmim_ext
-from mmim_ext.kde_ops import kde_fused_available
+from mmim_ext.ops.kde import kde_fused_available
 from mmim_ext.infoplane import kde_mi
 sys.path.insert(0, sys.argv[1])
 from test_kde import _fallback_case

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmim_ext
-from mmim_ext.reference import all_pairs, pair_stats_reference
+from mmim_ext.ops import all_pairs, pair_stats_reference
 
 from conftest import DEVICES, make_inputs, requires_fused, with_edge_gate_units
 
@@ -177,7 +177,7 @@ def test_large_logits_stay_finite_and_exact(scale, dtype):
 def test_many_permutation_rows_are_grouped_exactly(monkeypatch, budget_rows):
     # A scratch budget that fits only `budget_rows` rows per call: 7 rows go in groups whose
     # log-mean-exps are combined; values and gradients must not change.
-    from mmim_ext import ops
+    from mmim_ext.ops import critic_stats as ops
 
     B, m = 10, 6
     threads = torch.get_num_threads()

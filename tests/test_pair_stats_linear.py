@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmim_ext
-from mmim_ext import ops as ops_mod
+from mmim_ext.ops import critic_stats as ops_mod
 
 from conftest import DEVICES, make_inputs, requires_fused, with_edge_gate_units
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from mmim_ext.diagnostics import GradientSNR, margin_quantiles, separability_probe, weight_norms
 from mmim_ext.infoplane import InfoPlaneRecorder, log_schedule, plot_infoplane
-from mmim_ext.kde_ops import kde_fused_available
+from mmim_ext.ops import kde_fused_available
 
 __all__ = ["add_arguments", "run", "make_task", "build_net", "train_one", "WIDTHS"]
 

@@ -8,7 +8,7 @@ Protocol (what makes the comparison fair):
 * Every method gets the same number of passes over the training data, ``epochs``. MMIM spends
   them in two stages: ``epochs - stage2`` with ``loss + lambda*C1`` and then ``stage2`` (about
   20% of the budget, at least one epoch) training only a Gaussian output layer on frozen features
-  with the C3 bound (DESIGN.md section 4).
+  with the C3 bound (docs/design.md).
 * Regularizer strengths come from :data:`DEFAULT_REG_WEIGHTS`, chosen by :func:`tune` on the
   validation split (carved out of the training set). The test split is used once per run, for
   the reported accuracy.

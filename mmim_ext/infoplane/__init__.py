@@ -1,13 +1,13 @@
 """Information planes: binned and KDE estimates of ``I(X;T)`` and ``I(T;Y)`` (bits), a recorder
-with forward hooks and a schedule of epochs, and the information-plane plot (DESIGN.md §5)."""
+with forward hooks and a schedule of epochs, and the information-plane plot (docs/design.md)."""
 
 from mmim_ext.infoplane.binned import BinnedMI, bin_indices, binned_mi, pattern_ids
 from mmim_ext.infoplane.kde import kde_entropy_term, kde_mi
-from mmim_ext.infoplane.recorder import ESTIMATORS, InfoPlaneRecorder, log_schedule, plot_infoplane
+from mmim_ext.infoplane.recorder import PLANE_KEYS, InfoPlaneRecorder, log_schedule, plot_infoplane
 
 __all__ = [
     "BinnedMI",
-    "ESTIMATORS",
+    "PLANE_KEYS",
     "InfoPlaneRecorder",
     "bin_indices",
     "binned_mi",

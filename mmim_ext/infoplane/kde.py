@@ -11,7 +11,7 @@ Model the layer as ``T = h(X) + noise`` with Gaussian noise of variance ``noise_
 H(T|Y=y)`` uses the same estimator on the whole set and within each class, as in Saxe et al.'s
 code; those two values are estimates built from the bounds, not bounds on ``I(T;Y)`` themselves.
 
-Each term is a row-wise log-sum-exp over all pairs: :func:`mmim_ext.kde_ops.kde_lse`, fused
+Each term is a row-wise log-sum-exp over all pairs: :func:`mmim_ext.kde_lse`, fused
 (memory ``O(N d)``) when the extension is built.
 """
 
@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from mmim_ext.kde_ops import kde_lse
+from mmim_ext.ops import kde_lse
 
 __all__ = ["kde_mi", "kde_entropy_term"]
 
@@ -48,7 +48,7 @@ def kde_mi(t: torch.Tensor, y: torch.Tensor, noise_var: float, *, backend: str =
         y: ``[N]`` integer class labels (or ``[N, C]`` one-hot / scores, reduced by argmax).
         noise_var: ``sigma^2 > 0``, variance of the added Gaussian noise, in squared activation
             units. Smaller values push ``I(X;T)`` towards ``log2 N``.
-        backend: passed to :func:`mmim_ext.kde_ops.kde_lse`.
+        backend: passed to :func:`mmim_ext.kde_lse`.
 
     Returns:
         dict with float values ``i_xt_upper``, ``i_xt_lower``, ``i_ty_upper``, ``i_ty_lower``

@@ -14,10 +14,10 @@ from torch import nn
 from mmim_ext.infoplane.binned import binned_mi
 from mmim_ext.infoplane.kde import kde_mi
 
-__all__ = ["InfoPlaneRecorder", "log_schedule", "plot_infoplane", "ESTIMATORS"]
+__all__ = ["InfoPlaneRecorder", "log_schedule", "plot_infoplane", "PLANE_KEYS"]
 
 #: estimator name -> (x key, y key) of a record, for :func:`plot_infoplane`.
-ESTIMATORS = {
+PLANE_KEYS = {
     "binned": ("i_xt_bin", "i_ty_bin"),
     "kde_upper": ("i_xt_upper", "i_ty_upper"),
     "kde_lower": ("i_xt_lower", "i_ty_lower"),
@@ -276,13 +276,13 @@ def plot_infoplane(records: Sequence[dict], ax, *, estimator: str = "binned", ti
     """Draw ``I(X;T)`` vs ``I(T;Y)`` on ``ax``: one trajectory per layer, points coloured by epoch.
 
     ``records`` are :class:`InfoPlaneRecorder` records; ``estimator`` is a key of
-    :data:`ESTIMATORS`. Epoch colours are on a log scale (epoch 0 drawn as epoch 1).
+    :data:`PLANE_KEYS`. Epoch colours are on a log scale (epoch 0 drawn as epoch 1).
     """
     from matplotlib.colors import LogNorm, Normalize
 
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"plot_infoplane: argument 'estimator' must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
-    kx, ky = ESTIMATORS[estimator]
+    if estimator not in PLANE_KEYS:
+        raise ValueError(f"plot_infoplane: argument 'estimator' must be one of {sorted(PLANE_KEYS)}, got {estimator!r}")
+    kx, ky = PLANE_KEYS[estimator]
     recs = [r for r in records if kx in r and ky in r]
     if not recs:
         raise ValueError(f"plot_infoplane: no records hold {kx!r} and {ky!r}")

@@ -5,7 +5,7 @@ The fused kernels live in ``csrc/`` and are registered as ``mmim_ext::pair_stats
 :func:`pair_stats_linear`). Autograd is attached here with ``torch.library.register_autograd``
 (the backward is itself an op, so ``torch.compile`` and ``opcheck`` see both), and the fake
 kernels give shapes to the compiler. When the extension is missing every call goes to
-:func:`mmim_ext.reference.pair_stats_reference`.
+:func:`mmim_ext.ops.reference.pair_stats_reference`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import math
 import torch
 
 from mmim_ext import _extension
-from mmim_ext.reference import pair_stats_reference
+from mmim_ext._checks import fmt_shape as _fmt
+from mmim_ext.ops.reference import pair_stats_reference
 
-__all__ = ["pair_stats", "pair_stats_linear", "fused_available", "num_pairs", "cpu_cache_info", "empty_cpu_cache"]
+__all__ = ["cpu_cache_info", "empty_cpu_cache", "fused_available", "num_pairs", "one_pass_applies", "pair_stats",
+           "pair_stats_linear", "pair_stats_mine_loss"]
 
 #: Scratch budget of one fused call, in bytes. The CPU kernel stages the R shuffled copies of h
 #: and, in the backward, gradient buffers of that size for each part of the pairs (one per
@@ -36,9 +38,6 @@ def num_pairs(m: int) -> int:
     """Number of unordered pairs ``i < j`` among ``m`` units."""
     return m * (m - 1) // 2
 
-
-def _fmt(shape) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
 def _validate(h, wa, wb, b, v, c, perms, pairs) -> tuple[int, bool]:
@@ -142,7 +141,7 @@ def cpu_cache_info() -> dict:
 
     The per-pair critic gradients are large (four ``[P, K]`` tensors, 134 MB at m=1024, K=16), and
     the C library hands blocks that large back to the OS when they are freed, so that every call
-    faulted its gradients in again (about 7% of a one pass, ``benchmarks/RESULTS.md`` §31). A
+    faulted its gradients in again (several percent of a one pass at m=1024). A
     block whose last tensor died goes back to this cache instead, and a later call of the same
     size reuses it (each tensor still gets its own storage). The cache keeps at most
     ``MMIM_EXT_CPU_CACHE_MB`` mebibytes of free blocks (read once, at the first call; default
@@ -243,7 +242,7 @@ def pair_stats_linear(h, wa, wb, b, v, c, perms, coef_t, coef_lme, pairs=None, *
             )
     # The one pass: the CPU kernel, unless R needs pair_stats's grouped calls. Everything else
     # (including backend="fused" without a kernel, which pair_stats reports) goes through pair_stats.
-    if not _one_pass_applies(h, perms, backend):
+    if not one_pass_applies(h, perms, backend):
         t_joint, lme = pair_stats(h, wa, wb, b, v, c, perms, pairs, backend=backend)
         loss = (coef_t * t_joint).sum() + (coef_lme * lme).sum()
         return loss, t_joint.detach(), lme.detach()
@@ -262,7 +261,7 @@ class _PairStatsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, ema=None, log_a=0.0):
-        # ema, log_a: MINE's moving-average rule (_pair_stats_mine_loss); the gradients are then
+        # ema, log_a: MINE's moving-average rule (pair_stats_mine_loss); the gradients are then
         # those of the loss with coef_lme[p] * exp(lme[p] - log_avg[p]) in place of coef_lme[p].
         need_h = bool(ctx.needs_input_grad[0])
         need_params = any(ctx.needs_input_grad[1:6])
@@ -308,7 +307,7 @@ def _one_pass(coef_t, coef_lme, ema, log_a, h, wa, wb, b, v, c, perms, pairs, ne
                                                       need_h, need_params)
 
 
-def _one_pass_applies(h, perms, backend: str) -> bool:
+def one_pass_applies(h, perms, backend: str) -> bool:
     """Whether pair_stats_linear's one pass runs (the CPU kernel, R within one fused call)."""
     return (
         backend != "reference"
@@ -318,13 +317,13 @@ def _one_pass_applies(h, perms, backend: str) -> bool:
     )
 
 
-def _pair_stats_mine_loss(h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, ema, log_a: float):
+def pair_stats_mine_loss(h, wa, wb, b, v, c, perms, pairs, coef_t, coef_lme, ema, log_a: float):
     """MINE's loss with its moving-average gradient, in the one pass (the caller checked
-    :func:`_one_pass_applies` and the arguments, as :func:`pair_stats_linear` does).
+    :func:`one_pass_applies` and the arguments, as :func:`pair_stats_linear` does).
 
     ``loss = sum_p coef_t[p] t_joint[p] + coef_lme[p] lme[p]`` whose gradients are taken with
     ``coef_lme[p] * exp(lme[p] - log_avg[p])`` in place of ``coef_lme[p]``, ``log_avg[p] =
-    logaddexp(ema[p, 0], log_a + lme[p]) - ema[p, 1]`` (see ``mmim_ext.estimators._mine_loss``).
+    logaddexp(ema[p, 0], log_a + lme[p]) - ema[p, 1]`` (see ``mmim_ext.estimators.bounds.mine_loss``).
     Returns ``(loss, t_joint, lme)``; the caller folds ``lme`` into its average.
     """
     if not torch.compiler.is_compiling():

@@ -20,6 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mmim_ext import _extension
+from mmim_ext._checks import fmt_shape as _fmt
 
 __all__ = ["kde_lse", "kde_lse_reference", "kde_fused_available", "DEFAULT_KDE_SCRATCH_BYTES"]
 
@@ -29,9 +30,6 @@ DEFAULT_KDE_SCRATCH_BYTES = 64 * 2**20
 _FLOAT = (torch.float32, torch.float64)
 _BACKENDS = ("auto", "fused", "reference")
 
-
-def _fmt(shape) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
 def _validate(x, y, scale) -> None:

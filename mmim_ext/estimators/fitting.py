@@ -1,7 +1,7 @@
 """One-call mutual-information estimates for data sets (nats).
 
 Each function splits the samples into a training and a validation part, trains the critic(s)
-of an estimator from :mod:`mmim_ext.estimators` on minibatches of the training part, evaluates
+of an estimator from this package on minibatches of the training part, evaluates
 the bound on the whole validation part after every epoch (with many negative samples, so the
 log-mean-exp term is accurate), stops early when the validation bound has not improved for
 ``patience`` epochs, and returns the best validation bound. The result is a held-out lower-bound
@@ -14,18 +14,12 @@ from typing import Callable
 
 import torch
 
-from mmim_ext.estimators import (
-    ESTIMATORS,
-    NEGATIVES,
-    PairwiseMINE,
-    TotalCorrelationMINE,
-    VectorMINE,
-    _check_choice,
-    _check_features,
-    _check_labels,
-    _check_positive_int,
-    critic_adam,
-)
+from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
+from mmim_ext.estimators.bounds import BOUNDS, critic_adam
+from mmim_ext.estimators.negatives import NEGATIVES
+from mmim_ext.estimators.pairwise import PairwiseMINE
+from mmim_ext.estimators.total_correlation import TotalCorrelationMINE
+from mmim_ext.estimators.vector import VectorMINE
 
 __all__ = ["estimate_mi", "estimate_pairwise_mi", "estimate_total_correlation"]
 
@@ -40,16 +34,16 @@ def _as_2d(name: str, owner: str, t) -> torch.Tensor:
         t = t.unsqueeze(1)
     if not t.is_floating_point():
         t = t.float()
-    _check_features(owner, name, t)
+    check_features(owner, name, t)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{owner}: argument '{name}' contains NaN or infinite values")
     return t.detach().float()
 
 
-def _check_common(owner: str, n: int, batch_size, val_fraction, max_epochs, patience, lr) -> None:
-    _check_positive_int(owner, "batch_size", batch_size, 2)
-    _check_positive_int(owner, "max_epochs", max_epochs)
-    _check_positive_int(owner, "patience", patience)
+def _check_fit_args(owner: str, n: int, batch_size, val_fraction, max_epochs, patience, lr) -> None:
+    check_positive_int(owner, "batch_size", batch_size, 2)
+    check_positive_int(owner, "max_epochs", max_epochs)
+    check_positive_int(owner, "patience", patience)
     if not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"{owner}: argument 'val_fraction' must be in (0, 1), got {val_fraction!r}")
     if not float(lr) > 0:
@@ -152,9 +146,9 @@ def _prepare_units(owner: str, h, labels, estimator, batch_size, val_fraction, m
         raise ValueError(f"{owner}: argument 'h' needs at least 2 columns (units), got shape {list(h.shape)}")
     if labels is not None:
         labels = torch.as_tensor(labels)
-        _check_labels(owner, labels, N)
-    _check_choice(owner, "estimator", estimator, ESTIMATORS)
-    _check_common(owner, N, batch_size, val_fraction, max_epochs, patience, lr)
+        check_labels(owner, labels, N)
+    check_choice(owner, "estimator", estimator, BOUNDS)
+    _check_fit_args(owner, N, batch_size, val_fraction, max_epochs, patience, lr)
     gen = _seeded_generator(seed)
     tr, va = _split(N, val_fraction, gen)
     h_tr, h_va = _standardize_with(h[tr], h[va])
@@ -191,8 +185,8 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 16, estima
         (or ``(matrix, module)`` with ``return_module=True``).
     """
     owner = "estimate_pairwise_mi"
-    _check_choice(owner, "negatives", negatives, NEGATIVES)
-    _check_positive_int(owner, "val_negatives", val_negatives)
+    check_choice(owner, "negatives", negatives, NEGATIVES)
+    check_positive_int(owner, "val_negatives", val_negatives)
     h_tr, h_va, y_tr, y_va, gen = _prepare_units(owner, h, labels, estimator, batch_size, val_fraction,
                                                  max_epochs, patience, lr, seed)
     m = h_tr.shape[1]
@@ -228,7 +222,7 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
         float, the best validation bound (or ``(value, module)`` with ``return_module=True``).
     """
     owner = "estimate_total_correlation"
-    _check_positive_int(owner, "val_draws", val_draws)
+    check_positive_int(owner, "val_draws", val_draws)
     h_tr, h_va, y_tr, y_va, gen = _prepare_units(owner, h, labels, estimator, batch_size, val_fraction,
                                                  max_epochs, patience, lr, seed)
     m = h_tr.shape[1]
@@ -264,11 +258,11 @@ def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mi
     y = _as_2d("y", owner, y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{owner}: arguments 'x' and 'y' must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
-    _check_choice(owner, "estimator", estimator, ESTIMATORS)
-    _check_choice(owner, "negatives", negatives, NEGATIVES)
+    check_choice(owner, "estimator", estimator, BOUNDS)
+    check_choice(owner, "negatives", negatives, NEGATIVES)
     N = x.shape[0]
-    _check_common(owner, N, batch_size, val_fraction, max_epochs, patience, lr)
-    _check_positive_int(owner, "val_negatives", val_negatives)
+    _check_fit_args(owner, N, batch_size, val_fraction, max_epochs, patience, lr)
+    check_positive_int(owner, "val_negatives", val_negatives)
     gen = _seeded_generator(seed)
     tr, va = _split(N, val_fraction, gen)
     x_tr, x_va = _standardize_with(x[tr], x[va])

@@ -1,0 +1,44 @@
+"""Neural mutual-information estimators (MINE / NWJ / SMILE), one module per family.
+
+Every estimator is an ``nn.Module`` that owns its critic(s) as parameters and returns, from one
+``forward`` call, the current bound (nats) and the loss that trains the critic (minimize it with
+any optimizer). The bound on a batch is a lower bound on the mutual information only in
+expectation and only for a well-trained critic; the one-call functions
+(:func:`estimate_mi`, :func:`estimate_pairwise_mi`, :func:`estimate_total_correlation`, module
+:mod:`mmim_ext.estimators.fitting`) handle training, validation and early stopping for data sets.
+
+Modules
+    :mod:`~mmim_ext.estimators.pairwise`           :class:`PairwiseMINE`, ``I(h_i; h_j)`` (or
+                                                   ``I(h_i; h_j | Y)``) for many pairs of scalar
+                                                   units, through the fused op.
+    :mod:`~mmim_ext.estimators.total_correlation`  :class:`TotalCorrelationMINE`,
+                                                   ``I(h_1; ...; h_m)`` with one joint critic.
+    :mod:`~mmim_ext.estimators.vector`             :class:`VectorMINE`, ``I(X; Y)`` of two vectors.
+    :mod:`~mmim_ext.estimators.unit_label`         :class:`UnitLabelMINE`, ``I(Y; h_i)`` per unit.
+    :mod:`~mmim_ext.estimators.bounds`             the bounds (``BOUNDS``), MINE's moving average,
+                                                   the critics' optimizer.
+    :mod:`~mmim_ext.estimators.negatives`          :func:`make_perms`, product-of-marginals samples.
+    :mod:`~mmim_ext.estimators.fitting`            the one-call estimators for data sets.
+"""
+
+from mmim_ext.estimators.bounds import BOUNDS, critic_adam
+from mmim_ext.estimators.fitting import estimate_mi, estimate_pairwise_mi, estimate_total_correlation
+from mmim_ext.estimators.negatives import NEGATIVES, make_perms
+from mmim_ext.estimators.pairwise import PairwiseMINE
+from mmim_ext.estimators.total_correlation import TotalCorrelationMINE
+from mmim_ext.estimators.unit_label import UnitLabelMINE
+from mmim_ext.estimators.vector import VectorMINE
+
+__all__ = [
+    "BOUNDS",
+    "NEGATIVES",
+    "PairwiseMINE",
+    "TotalCorrelationMINE",
+    "UnitLabelMINE",
+    "VectorMINE",
+    "critic_adam",
+    "estimate_mi",
+    "estimate_pairwise_mi",
+    "estimate_total_correlation",
+    "make_perms",
+]

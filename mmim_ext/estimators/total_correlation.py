@@ -1,0 +1,85 @@
+"""Total correlation ``I(h_1; ...; h_m)`` with one joint critic."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
+from mmim_ext.estimators.bounds import BOUNDS, CriticMLP, LogEMA, bound_from_scores, standardize
+from mmim_ext.estimators.negatives import product_of_marginals
+
+__all__ = ["TotalCorrelationMINE"]
+
+
+class TotalCorrelationMINE(nn.Module):
+    """Total correlation ``I(h_1; ...; h_m) = KL(p(h) || prod_i p(h_i))`` (nats), or with labels
+    ``KL(p(h|Y) || prod_i p(h_i|Y))`` averaged over ``Y``.
+
+    One critic ``T: R^m -> R`` (an MLP with ``layers`` hidden layers of width ``hidden``) scores
+    joint samples (rows of ``h``) against product-of-marginals samples built by permuting every
+    column of the batch independently (within each class when labels are given),
+    ``num_negatives`` such draws per call.
+
+    ``forward(h, labels=None)`` with ``h`` ``[B, m]`` returns ``(estimate scalar tensor, loss)``.
+    """
+
+    def __init__(self, num_units: int, hidden: int = 64, layers: int = 2, estimator: str = "mine",
+                 num_negatives: int = 1, ema: float = 0.01, smile_clip: float = 5.0,
+                 standardize: bool = True):
+        super().__init__()
+        owner = "TotalCorrelationMINE"
+        check_positive_int(owner, "num_units", num_units, 2)
+        check_positive_int(owner, "hidden", hidden)
+        check_positive_int(owner, "layers", layers)
+        check_positive_int(owner, "num_negatives", num_negatives)
+        check_choice(owner, "estimator", estimator, BOUNDS)
+        if not 0.0 < float(ema) <= 1.0:
+            raise ValueError(f"{owner}: argument 'ema' must be in (0, 1], got {ema!r}")
+        self.num_units = num_units
+        self.estimator = estimator
+        self.num_negatives = num_negatives
+        self.smile_clip = float(smile_clip)
+        self.standardize = standardize
+        self.critic = CriticMLP(num_units, hidden, layers, 1.0 if estimator == "nwj" else 0.0)
+        self._ema = LogEMA(1, ema) if estimator == "mine" else None
+
+    def _prepare(self, h, labels, owner):
+        check_features(owner, "h", h, self.num_units)
+        if labels is not None:
+            check_labels(owner, labels, h.shape[0])
+        h = h.float() if h.dtype not in (torch.float32, torch.float64) else h
+        return standardize(h) if self.standardize else h
+
+    def _scores(self, h, labels, draws, generator=None, detach=False):
+        dtype = next(self.critic.parameters()).dtype
+        critic = self.critic
+        if detach:
+            params = {k: p.detach() for k, p in self.critic.named_parameters()}
+            critic = lambda z: torch.func.functional_call(self.critic, params, (z,))  # noqa: E731
+        joint = critic(h.to(dtype))
+        marg = critic(product_of_marginals(h, labels, draws, generator).to(dtype))
+        return joint, marg
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, *, compute_loss: bool = True):
+        """See the class docstring; ``compute_loss=False``: frozen critic, loss ``None``."""
+        h = self._prepare(h, labels, "TotalCorrelationMINE.forward")
+        joint, marg = self._scores(h, labels, self.num_negatives, detach=not compute_loss)
+        if not compute_loss:
+            est, _ = bound_from_scores(self.estimator, joint, marg, training=False, clip=self.smile_clip)
+            return est[0], None
+        est, loss = bound_from_scores(self.estimator, joint, marg, ema=self._ema,
+                                       training=self.training, clip=self.smile_clip)
+        return est[0], loss[0]
+
+    @torch.no_grad()
+    def evaluate(self, h: torch.Tensor, labels: torch.Tensor | None = None, *, num_draws: int = 16,
+                 seed: int | None = 0) -> float:
+        """Bound (nats) on held-out data with ``num_draws`` product-of-marginals draws."""
+        h = self._prepare(h, labels, "TotalCorrelationMINE.evaluate")
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        joint, marg = self._scores(h, labels, num_draws, gen)
+        est, _ = bound_from_scores(self.estimator, joint, marg, training=False, clip=self.smile_clip)
+        return float(est[0])
+
+

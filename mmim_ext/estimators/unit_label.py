@@ -1,0 +1,103 @@
+"""``I(Y; h_i)`` for every unit of a layer at once, with the label marginal integrated exactly."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
+from mmim_ext.estimators.bounds import BOUNDS, LogEMA, mine_loss, nwj_bound, standardize
+from mmim_ext.ops import label_critic_scores
+
+__all__ = ["UnitLabelMINE"]
+
+
+class UnitLabelMINE(nn.Module):
+    """``I(Y; h_i)`` for every unit ``i`` of a layer at once (nats).
+
+    Unit ``i`` has the critic ``T_i(y, a) = c_i + sum_k v_ik relu(e_iyk + w_ik a + b_ik)`` (an MLP
+    on ``[onehot(y), a]`` with ``hidden`` units). Because ``Y`` is discrete the product of the
+    marginals is integrated exactly over the classes: the marginal term is
+    ``log (1/B) sum_n sum_y p(y) exp(T_i(y, h_ni))`` with ``p(y)`` the batch's class
+    frequencies, so no negative sampling is needed.
+
+    ``forward(h, labels)`` with ``h`` ``[B, m]`` and ``labels`` ``[B]`` int64 returns
+    ``(estimates [m], loss)``; ``loss`` is the sum over units.
+    """
+
+    def __init__(self, num_units: int, num_classes: int, hidden: int = 16, estimator: str = "mine",
+                 ema: float = 0.01, smile_clip: float = 5.0, standardize: bool = True):
+        super().__init__()
+        owner = "UnitLabelMINE"
+        check_positive_int(owner, "num_units", num_units)
+        check_positive_int(owner, "num_classes", num_classes, 2)
+        check_positive_int(owner, "hidden", hidden)
+        check_choice(owner, "estimator", estimator, BOUNDS)
+        if not 0.0 < float(ema) <= 1.0:
+            raise ValueError(f"{owner}: argument 'ema' must be in (0, 1], got {ema!r}")
+        self.num_units, self.num_classes = num_units, num_classes
+        self.estimator = estimator
+        self.smile_clip = float(smile_clip)
+        self.standardize = standardize
+        self.emb = nn.Parameter(torch.randn(num_units, num_classes, hidden))
+        self.w = nn.Parameter(torch.randn(num_units, hidden))
+        self.b = nn.Parameter(torch.randn(num_units, hidden))
+        self.v = nn.Parameter(0.1 * torch.randn(num_units, hidden) / math.sqrt(hidden))
+        self.c = nn.Parameter(torch.full((num_units,), 1.0 if estimator == "nwj" else 0.0))
+        self._ema = LogEMA(num_units, ema) if estimator == "mine" else None
+        self.register_buffer("last", torch.zeros(num_units))
+
+    def _scores(self, h, labels, detach=False):
+        """Joint scores ``[B, m]`` and scores for every class ``[B, m, C]``."""
+        emb, w, b, v, c = (self.emb, self.w, self.b, self.v, self.c)
+        if detach:
+            emb, w, b, v, c = (t.detach() for t in (emb, w, b, v, c))
+        base = h.unsqueeze(-1) * w + b  # [B, m, K]
+        scores = label_critic_scores(base, emb, v) + c.unsqueeze(-1)  # [B, m, C]
+        joint = scores.gather(2, labels.view(-1, 1, 1).expand(-1, self.num_units, 1)).squeeze(2)
+        return joint, scores
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor, *, compute_loss: bool = True):
+        """See the class docstring; ``compute_loss=False``: frozen critic, loss ``None``."""
+        owner = "UnitLabelMINE.forward"
+        check_features(owner, "h", h, self.num_units)
+        if labels is None:
+            raise ValueError(f"{owner}: argument 'labels' is required (I(Y; h_i) needs the labels)")
+        check_labels(owner, labels, h.shape[0], self.num_classes)
+        h = h.to(self.w.dtype)
+        if self.standardize:
+            h = standardize(h)
+        joint, scores = self._scores(h, labels, detach=not compute_loss)
+        B = h.shape[0]
+        p = torch.bincount(labels, minlength=self.num_classes).to(h.dtype) / B
+        logp = torch.log(p.clamp_min(1e-30))
+        t_joint = joint.mean(0)
+        if not compute_loss:
+            clip = self.smile_clip if self.estimator == "smile" else math.inf
+            lme = torch.logsumexp(scores.clamp(-clip, clip) + logp, dim=2).logsumexp(0) - math.log(B)
+            est = nwj_bound(t_joint, lme) if self.estimator == "nwj" else t_joint - lme
+            with torch.no_grad():
+                self.last.copy_(est.detach().to(self.last.dtype))
+            return est, None
+        if self.estimator == "smile":
+            clipped = scores.clamp(-self.smile_clip, self.smile_clip)
+            lme = torch.logsumexp(clipped + logp, dim=2).logsumexp(0) - math.log(B)
+            est = t_joint - lme
+            # JS gradient: marginal expectation of softplus(T) under p(y) p(h)
+            js = -F.softplus(-joint).mean(0) - (F.softplus(scores) * p).sum(2).mean(0)
+            loss = -js
+        else:
+            lme = torch.logsumexp(scores + logp, dim=2).logsumexp(0) - math.log(B)
+            if self.estimator == "mine":
+                est = t_joint - lme
+                loss = mine_loss(t_joint, lme, self._ema, training=self.training)
+            else:
+                est = nwj_bound(t_joint, lme)
+                loss = -est
+        with torch.no_grad():
+            self.last.copy_(est.detach().to(self.last.dtype))
+        return est, loss.sum()
+

@@ -1,0 +1,86 @@
+"""``I(X; Y)`` between two vectors with a concatenation critic."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmim_ext._checks import check_choice, check_features, check_positive_int
+from mmim_ext.estimators.bounds import BOUNDS, CriticMLP, LogEMA, bound_from_scores, standardize
+from mmim_ext.estimators.negatives import NEGATIVES, make_perms
+
+__all__ = ["VectorMINE"]
+
+
+class VectorMINE(nn.Module):
+    """``I(X; Y)`` between two vectors with a concatenation critic ``T(x, y) = MLP([x, y])``.
+
+    ``forward(x, y)`` with ``x`` ``[B, dx]`` and ``y`` ``[B, dy]`` (1-D inputs are read as one
+    column) returns ``(estimate scalar tensor, loss)``. Negatives pair ``x`` with permuted ``y``.
+    """
+
+    def __init__(self, x_dim: int, y_dim: int, hidden: int = 64, layers: int = 2, estimator: str = "mine",
+                 negatives: str = "shuffle", num_negatives: int = 1, ema: float = 0.01,
+                 smile_clip: float = 5.0, standardize: bool = True):
+        super().__init__()
+        owner = "VectorMINE"
+        check_positive_int(owner, "x_dim", x_dim)
+        check_positive_int(owner, "y_dim", y_dim)
+        check_positive_int(owner, "hidden", hidden)
+        check_positive_int(owner, "layers", layers)
+        check_positive_int(owner, "num_negatives", num_negatives)
+        check_choice(owner, "estimator", estimator, BOUNDS)
+        check_choice(owner, "negatives", negatives, NEGATIVES)
+        if not 0.0 < float(ema) <= 1.0:
+            raise ValueError(f"{owner}: argument 'ema' must be in (0, 1], got {ema!r}")
+        self.x_dim, self.y_dim = x_dim, y_dim
+        self.estimator = estimator
+        self.negatives = negatives
+        self.num_negatives = num_negatives
+        self.smile_clip = float(smile_clip)
+        self.standardize = standardize
+        self.critic = CriticMLP(x_dim + y_dim, hidden, layers, 1.0 if estimator == "nwj" else 0.0)
+        self._ema = LogEMA(1, ema) if estimator == "mine" else None
+
+    def _prepare(self, x, y, owner):
+        if isinstance(x, torch.Tensor) and x.dim() == 1:
+            x = x.unsqueeze(1)
+        if isinstance(y, torch.Tensor) and y.dim() == 1:
+            y = y.unsqueeze(1)
+        check_features(owner, "x", x, self.x_dim)
+        check_features(owner, "y", y, self.y_dim)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{owner}: arguments 'x' and 'y' must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
+        dtype = next(self.critic.parameters()).dtype
+        x, y = x.to(dtype), y.to(dtype)
+        if self.standardize:
+            x, y = standardize(x), standardize(y)
+        return x, y
+
+    def _scores(self, x, y, perms):
+        B = x.shape[0]
+        joint = self.critic(torch.cat([x, y], 1))
+        R = perms.shape[0]
+        xm = x.unsqueeze(0).expand(R, B, -1)
+        marg = self.critic(torch.cat([xm, y[perms]], 2)).flatten(0, 1)
+        return joint, marg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        x, y = self._prepare(x, y, "VectorMINE.forward")
+        perms = make_perms(x.shape[0], self.negatives, self.num_negatives, device=x.device)
+        joint, marg = self._scores(x, y, perms)
+        est, loss = bound_from_scores(self.estimator, joint, marg, ema=self._ema,
+                                       training=self.training, clip=self.smile_clip)
+        return est[0], loss[0]
+
+    @torch.no_grad()
+    def evaluate(self, x, y, *, num_negatives: int = 64, seed: int | None = 0) -> float:
+        """Bound (nats) on held-out data with ``num_negatives`` cyclic shifts of ``y``."""
+        x, y = self._prepare(x, y, "VectorMINE.evaluate")
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        perms = make_perms(x.shape[0], "shift", min(num_negatives, x.shape[0] - 1), generator=gen, device=x.device)
+        joint, marg = self._scores(x, y, perms)
+        est, _ = bound_from_scores(self.estimator, joint, marg, training=False, clip=self.smile_clip)
+        return float(est[0])
+
+
