@@ -8,7 +8,7 @@ per variant the median time and per round the ratio to the first variant, with t
 round's ratio compares calls made seconds apart, so drift of a shared host's speed cancels in it::
 
     python benchmarks/baseline_ab.py --m 1024 --direction fwdbwd --variants chunk pairs_major --rounds 6 \\
-        --json benchmarks/results/baseline-ab.json
+        --json benchmarks/out/baseline-ab.json
 """
 
 from __future__ import annotations

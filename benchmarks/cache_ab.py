@@ -8,7 +8,7 @@ of each call (``getrusage``). The parent runs ``--alternations`` pairs of proces
 (``MMIM_EXT_CPU_CACHE_MB=0``) then on (the environment's setting, or the default), and prints
 each pair's ratio on / off and their median::
 
-    python benchmarks/cache_ab.py --m 1024 --backend onepass --alternations 6 --json benchmarks/results/cache-ab.json
+    python benchmarks/cache_ab.py --m 1024 --backend onepass --alternations 6 --json benchmarks/out/cache-ab.json
 
 With ``--builds A B`` the pairs compare two builds of the package instead (two source trees, each
 with its extension built in place: ``python setup.py build_ext --inplace``): each process imports

@@ -21,7 +21,8 @@ torch.compile(reference) / time of this backend, both from the same run; "%sgemm
 GFLOP/s over the float32 matmul rate measured in the same run.
 
 Run ``python benchmarks/compare.py --help``; ``--quick`` is a small subset. Results go to
-stdout and to a JSON file (``--json``, default ``benchmarks/results/compare-<time>.json``).
+stdout and to a JSON file (``--json``, default ``benchmarks/out/compare-<time>.json``, a git-ignored
+folder).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def _pairs_major_chunk(h, hp, wa, wb, bias, v, c, pi, pj):
     t_marg = (torch.relu(u.unsqueeze(1) + b_marg.unsqueeze(-1) * wb_.unsqueeze(1)) * v_.unsqueeze(1)).sum(-1)
     # [P, R, B], flattened per pair. With [R, P, B] instead (the log-sum-exp taken over R and B
     # after a transpose and reshape, or over two dims), torch 2.13's inductor compiled a
-    # forward+backward that corrupted the heap at R = 1 (benchmarks/RESULTS.md §35).
+    # forward+backward that corrupted the heap at R = 1.
     n = t_marg.shape[1] * t_marg.shape[2]
     lme = torch.logsumexp(t_marg.flatten(1), dim=1) - math.log(n) + c
     return t_joint, lme
@@ -183,8 +184,8 @@ class CompiledReference:
       forward under ``no_grad`` is what the reference itself runs.
     * ``pairs_major``: the same loop with each chunk's arithmetic written pairs-major
       (``_pairs_major_chunk``: hidden layer ``[chunk, .., B, K]``). At m=1024 its forward ran
-      0.91x and its forward+backward 1.40x the time of ``chunk`` (benchmarks/RESULTS.md §35,
-      ``benchmarks/baseline_ab.py``).
+      0.91x and its forward+backward 1.40x the time of ``chunk`` (``benchmarks/baseline_ab.py``,
+      2026-12-03).
     * ``chunk_ckpt``: the same with each chunk wrapped in ``torch.utils.checkpoint`` (as the
       eager reference does when gradients are needed), compiled together.
     * ``whole``: ``torch.compile(pair_stats_reference)``; Dynamo unrolls the chunk loop, so
@@ -773,7 +774,7 @@ def run(args) -> dict:
                       f"{_fmt_mb(mem['peak_bytes'])} MB - outputs{'+grads' if r['direction'] == 'fwdbwd' else ''} "
                       f"{_fmt_mb(mem['outputs_grads_bytes'])} MB = {_fmt_mb(mem['scratch_bytes'])} MB")
         path = args.json or os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "results",
+            os.path.dirname(os.path.abspath(__file__)), "out",
             f"compare-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}.json")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:

@@ -6,7 +6,7 @@ vector and of a Gaussian mixture, I(X;Y) between 5+5-dimensional vectors under i
 elementwise nonlinear transforms, and I(Y;h_i) of a two-class mixture. Truths are closed forms or
 quadrature (Monte Carlo for a mixture's joint entropy). Prints a table, writes JSON.
 
-    python benchmarks/estimator_accuracy.py --threads 2 --json benchmarks/results/estimator_accuracy.json
+    python benchmarks/estimator_accuracy.py --threads 2 --json benchmarks/out/estimator_accuracy.json
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ builds the regularizer (per-pair critics, ``hidden`` units each) and float32 fea
 * ``critics`` = train - penalty (medians): the critic updates.
 
 Medians over ``--calls`` calls after one warm-up call. The machine is shared: compare rows of one
-run. Prints a table and writes JSON (``--json``, default ``benchmarks/results/regularizer-step-<time>.json``).
+run. Prints a table and writes JSON (``--json``, default
+``benchmarks/out/regularizer-step-<time>.json``, a git-ignored folder).
 
     python benchmarks/regularizer_step.py --m 256 512 1024 --regularizer mmim c4 c6
 """
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         bar.set_postfix_str(f"{name} m={m}")
         rows.append(run_cell(name, m, args))
     print_table(rows)
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
                                      time.strftime("regularizer-step-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
