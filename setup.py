@@ -2,15 +2,17 @@
 
 Install with ``pip install --no-build-isolation .`` (or ``-e .``) against an installed torch.
 
-Environment switches:
+Build switches (the package's own start with ``MMIM_EXT_``; the others are the PyTorch build
+ecosystem's). Every switch, build and run time, is listed in docs/design.md ("Environment
+variables").
 
 * ``MMIM_EXT_NO_EXTENSION=1``: install the pure-Python package only (everything falls back).
-* ``FORCE_CUDA=1`` / ``MMIM_WITH_CUDA=1``: build the CUDA kernels (needs ``CUDA_HOME`` and a CUDA
-  build of torch). Without them CUDA is built when both a toolkit and a CUDA build of torch are
-  present; ``MMIM_WITH_CUDA=0`` turns that off. No GPU is queried at build time.
+* ``MMIM_EXT_WITH_CUDA=1`` (or torch's ``FORCE_CUDA=1``): build the CUDA kernels (needs
+  ``CUDA_HOME`` and a CUDA build of torch). Unset, CUDA is built when both a toolkit and a CUDA
+  build of torch are present; ``=0`` turns that off. No GPU is queried at build time.
+* ``MMIM_EXT_DEBUG=1``: ``-O0 -g``.
 * ``TORCH_CUDA_ARCH_LIST``: CUDA architectures; default ``8.0;9.0+PTX`` when unset.
 * ``MAX_JOBS``: parallel compile jobs (read by torch's build helper).
-* ``MMIM_EXT_DEBUG=1``: ``-O0 -g``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+# A switch's name from before every switch took the MMIM_EXT_ prefix fails loudly rather than
+# being ignored: a CUDA build asked for under the old name would silently come out CPU-only.
+for _old, _new in {"MMIM_WITH_CUDA": "MMIM_EXT_WITH_CUDA"}.items():
+    if _old in os.environ:
+        sys.exit(f"setup.py: the environment variable {_old} is now called {_new}; set {_new} instead")
+
+
 def _flag(name: str) -> bool | None:
     val = os.environ.get(name)
     if val is None or val == "":
@@ -34,7 +43,7 @@ def _flag(name: str) -> bool | None:
 def _want_cuda() -> bool:
     forced = _flag("FORCE_CUDA")
     if forced is None:
-        forced = _flag("MMIM_WITH_CUDA")
+        forced = _flag("MMIM_EXT_WITH_CUDA")
     if forced is not None:
         return forced
     import torch
@@ -55,8 +64,8 @@ def _extensions():
     # The C++ standard is torch's choice (it passes -std=c++20 itself; its headers need it).
     # -ffp-contract=fast lets the compiler fuse a*b+c into FMAs (off by default in ISO modes).
     # -falign-loops=64 -falign-functions=64: every loop starts on a 64-byte line, so that where the
-    # hot sample loops land does not depend on the code before them (benchmarks/RESULTS.md §8 row
-    # 31: the one pass 0.94x the time of the unaligned build, faster in 15 of 16 process pairs).
+    # hot sample loops land does not depend on the code before them (the one pass ran 0.94x the
+    # time of the unaligned build; docs/performance.md).
     cxx += ["-fvisibility=hidden", "-ffp-contract=fast", "-Wno-psabi", "-falign-loops=64", "-falign-functions=64"]
     link = []
     import torch
@@ -74,7 +83,7 @@ def _extensions():
             # Never ask a GPU: without one torch would guess; pick Ampere and Hopper (+PTX).
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        define_macros.append(("MMIM_WITH_CUDA", "1"))
+        define_macros.append(("MMIM_EXT_WITH_CUDA", "1"))
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
         # No -std here: torch's build passes its own (C++20 since torch 2.13; the 2.14 headers
         # need it, e.g. std::strong_ordering), and nvcc rejects two -std options.

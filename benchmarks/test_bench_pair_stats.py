@@ -120,7 +120,7 @@ def test_eager_reference(benchmark, bench_size, mode, direction):
 @pytest.mark.parametrize("mode", MODES)
 def test_compiled_reference(benchmark, bench_size, mode, direction):
     if not bench_size["compiled"]:
-        pytest.skip("MMIM_BENCH_COMPILED=0")
+        pytest.skip("MMIM_EXT_BENCH_COMPILED=0")
     cell = _cell(bench_size, mode)
     args, upstream = make_inputs(cell, direction == "fwdbwd")
     compiled = CompiledReference("chunk")

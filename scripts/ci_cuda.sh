@@ -4,13 +4,13 @@
 # Nothing CUDA runs (no GPU is needed or queried); a .cu file that fails to compile fails CI.
 #
 # Environment:
-#   MMIM_CI_CUDA=0          skip this stage (exit 0)
-#   MMIM_CI_CUDA_TORCH      torch version to build against (default 2.14.1, a CUDA 13 build)
-#   MMIM_CI_CUDA_VENV       venv to use or create (default <repo>/.venv-cuda; reused when present)
-#   CUDA_HOME               CUDA toolkit (default /usr/local/cuda-13.0 when it exists)
-#   TORCH_CUDA_ARCH_LIST    unset -> setup.py's default (8.0;9.0+PTX)
-#   MAX_JOBS                parallel compile jobs (default 2)
-#   NVCC_APPEND_FLAGS       read by nvcc itself, e.g. "-Xptxas -v" for the resource report
+#   MMIM_EXT_CI_CUDA=0       skip this stage (exit 0)
+#   MMIM_EXT_CI_CUDA_TORCH   torch version to build against (default 2.14.1, a CUDA 13 build)
+#   MMIM_EXT_CI_CUDA_VENV    venv to use or create (default <repo>/.venv-cuda; reused when present)
+#   CUDA_HOME                CUDA toolkit (default /usr/local/cuda-13.0 when it exists)
+#   TORCH_CUDA_ARCH_LIST     unset -> setup.py's default (8.0;9.0+PTX)
+#   MAX_JOBS                 parallel compile jobs (default 2)
+#   NVCC_APPEND_FLAGS        read by nvcc itself, e.g. "-Xptxas -v" for the resource report
 #
 # `ci_cuda.sh --venv-only` prepares the venv (step 1) and stops: .ci/run starts it in the
 # background while the CPU stage runs, so that the ~1.5 min install overlaps that stage.
@@ -23,14 +23,14 @@ case "${1:-}" in
   *) echo "ci_cuda: unknown argument '$1' (expected nothing or --venv-only)" >&2; exit 2 ;;
 esac
 
-if [ "${MMIM_CI_CUDA:-1}" = "0" ]; then
-  echo "ci_cuda: skipped (MMIM_CI_CUDA=0)"
+if [ "${MMIM_EXT_CI_CUDA:-1}" = "0" ]; then
+  echo "ci_cuda: skipped (MMIM_EXT_CI_CUDA=0)"
   exit 0
 fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-TORCH_VERSION="${MMIM_CI_CUDA_TORCH:-2.14.1}"
-VENV="${MMIM_CI_CUDA_VENV:-$ROOT/.venv-cuda}"
+TORCH_VERSION="${MMIM_EXT_CI_CUDA_TORCH:-2.14.1}"
+VENV="${MMIM_EXT_CI_CUDA_VENV:-$ROOT/.venv-cuda}"
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda-13.0 ]; then
   CUDA_HOME=/usr/local/cuda-13.0
 fi

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Create .venv (or $MMIM_VENV) with the pinned CPU torch and the development tools, then build
+# Create .venv (or $MMIM_EXT_VENV) with the pinned CPU torch and the development tools, then build
 # mmim_ext in place (editable) against that torch. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${MMIM_VENV:-.venv}
-PY=${PYTHON:-python3}
+VENV=${MMIM_EXT_VENV:-.venv}
+PY=${MMIM_EXT_PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
