@@ -79,6 +79,7 @@ def main(argv=None) -> dict:
               f"(calls {min(times[name]):.4f}-{max(times[name]):.4f} s); time / {first} per round: "
               f"median {statistics.median(ratios):.3f} [{', '.join(f'{r:.3f}' for r in ratios)}]")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"JSON: {args.json}")

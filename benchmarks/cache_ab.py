@@ -133,6 +133,7 @@ def summarize(args, records, ratios, ratio_name: str, second: str) -> None:
     print(f"# median ratio {ratio_name} {statistics.median(ratios):.3f} over {len(ratios)} pairs; "
           f"{second} faster in {sum(r < 1 for r in ratios)} of them")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), pairs=records, median_ratio=statistics.median(ratios)), f, indent=1)
         print(f"# JSON: {args.json}")
