@@ -632,7 +632,8 @@ EightTensors pair_stats_fwd_bwd_mine_cuda(const at::Tensor& grad_t, const at::Te
   const int64_t P = st.s.P;
   check_mine_rule_args("pair_stats_fwd_bwd_mine", ema, log_a, P, h);
   check_per_pair("pair_stats_fwd_bwd_mine", {&grad_t, &grad_lme}, st, h);
-  auto [t, l] = forward_acc(st);
+  at::Tensor t, l;  // not a structured binding: the kernel launch's lambda captures l (C++17)
+  std::tie(t, l) = forward_acc(st);
   const at::Tensor gl = to_acc(grad_lme, st), em = to_acc(ema, st);
   at::Tensor gl_rule = at::empty({P}, st.acc_opts);
   if (P > 0) {
