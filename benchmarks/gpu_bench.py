@@ -123,13 +123,13 @@ def _rel_diff(got, ref) -> float:
     return (got.double() - ref.double()).abs().max().item() / scale
 
 
-def bench_cell(m, direction, args, deadline):
+def bench_cell(m, direction, args, deadline, device="cuda"):
     B, K, R, shared = args.B, args.K, args.R, args.mode == "shared"
     P = m * (m - 1) // 2
     row = dict(m=m, B=B, K=K, R=R, mode=args.mode, direction=direction, P=P)
-    h, params, perms = make_cell(m, B, K, R, shared)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    upstream = (torch.randn(P, device="cuda", generator=g), torch.randn(P, device="cuda", generator=g))
+    h, params, perms = make_cell(m, B, K, R, shared, device=device)
+    g = torch.Generator(device=device).manual_seed(1)
+    upstream = (torch.randn(P, device=device, generator=g), torch.randn(P, device=device, generator=g))
     row["critic_evals_x_K"] = P * B * (1 + R) * K
 
     # fused: correctness against the compiled reference first, then timing
@@ -144,7 +144,7 @@ def bench_cell(m, direction, args, deadline):
         return row
     torch.cuda.reset_peak_memory_stats()
     try:
-        comp = CompiledReference(m, B, K, R, shared, args.chunk_mib * 2**20)
+        comp = CompiledReference(m, B, K, R, shared, args.chunk_mib * 2**20, device=device)
         row["compiled_chunk_pairs"] = comp.chunk
         t0 = time.monotonic()
         out_c, grads_c = _run(comp, direction, h, params, perms, upstream)

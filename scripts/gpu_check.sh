@@ -124,11 +124,11 @@ run_pytest() {  # name, seconds, pytest arguments...
   fi
 }
 if [ "$failed" = "0" ]; then
-  # The tests get what is left after keeping ~150 s for the benchmark (at least 60 s each).
-  run_pytest test_cuda "$(at_least 60 240)" tests/test_cuda.py
+  # The tests get what is left after keeping time for the rest (at least 90 s / 60 s).
+  run_pytest test_cuda "$(at_least 90 200)" tests/test_cuda.py
   extra=(tests/test_pair_stats.py tests/test_op_contract.py)
   [ -f "$ROOT/tests/test_properties.py" ] && extra+=(tests/test_properties.py)
-  run_pytest tests_k_cuda "$(at_least 60 150)" "${extra[@]}" -k cuda
+  run_pytest tests_k_cuda "$(at_least 60 130)" "${extra[@]}" -k cuda
 fi
 
 # 3. Benchmark.
