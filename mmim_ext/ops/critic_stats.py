@@ -341,6 +341,11 @@ def _rows_per_call(B: int, m: int, R: int, itemsize: int) -> int:
 
 def _fused_grouped(h, wa, wb, b, v, c, perms, pairs):
     R = perms.shape[0]
+    if h.device.type != "cpu":
+        # The grouping bounds the CPU kernel's scratch (sized from CPU threads). The CUDA kernels
+        # read the shuffled samples through perms and keep no per-row scratch, and every extra
+        # call would re-read the [P, K] parameters: all R rows go in one call.
+        return torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
     rows = _rows_per_call(h.shape[0], h.shape[1], R, h.element_size())
     if rows >= R:
         return torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
