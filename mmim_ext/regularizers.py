@@ -51,6 +51,7 @@ from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
 from mmim_ext.estimators import BOUNDS, NEGATIVES, PairwiseMINE, TotalCorrelationMINE, UnitLabelMINE, critic_adam
+from mmim_ext.estimators.sharding import broadcast_generator_, gather_batch
 
 __all__ = ["MMIMRegularizer", "REGULARIZERS", "make_regularizer"]
 
@@ -87,13 +88,26 @@ class MMIMRegularizer(nn.Module):
         max_pairs: evaluate a random subset of this many pairs per call (``None``: all).
         ema, smile_clip: see :class:`mmim_ext.PairwiseMINE`.
         backend: forwarded to :func:`mmim_ext.pair_stats`.
+        process_group: a ``torch.distributed`` group over which the critics are sharded (pairs
+            of C4 and C5, units of C6; ``mode="pairwise"`` only). Each rank passes its own part of
+            the data-parallel batch; the features are gathered once per call (with gradient),
+            each rank trains only its block of critics with its own optimizer, and the penalty
+            is the sum over ranks, the same value on every rank. See
+            :mod:`mmim_ext.estimators.sharding` and docs/distributed.md.
+        grad_average: with ``process_group``, whether the model's gradients are averaged over the
+            group (``DistributedDataParallel`` divides the summed gradients by the world size
+            ``W``). ``True``: the penalty's gradient into each rank's features is ``W`` times the
+            single-process gradient on the global batch, so that after DDP's averaging the model
+            moves as the single-process model on the global batch does. ``False``: the features
+            receive exactly the single-process gradient (for summed gradients, or no DDP).
     """
 
     def __init__(self, num_units: int, num_classes: int, *, c4: float = 1.0, c5: float = 1.0, c6: float = 1.0,
                  mode: str = "pairwise", hidden: int = 16, tc_hidden: int = 64, tc_layers: int = 2,
                  critic_lr: float = 1e-3, critic_steps: int = 1, estimator: str = "mine",
                  negatives: str = "shuffle", num_negatives: int = 1, max_pairs: int | None = None,
-                 ema: float = 0.01, smile_clip: float = 5.0, backend: str = "auto"):
+                 ema: float = 0.01, smile_clip: float = 5.0, backend: str = "auto", process_group=None,
+                 grad_average: bool = True):
         super().__init__()
         owner = "MMIMRegularizer"
         check_positive_int(owner, "num_units", num_units, 2)
@@ -111,6 +125,14 @@ class MMIMRegularizer(nn.Module):
             raise ValueError(f"{owner}: argument 'critic_lr' must be > 0, got {critic_lr!r}")
         if max_pairs is not None:
             check_positive_int(owner, "max_pairs", max_pairs)
+        if process_group is not None and mode != "pairwise":
+            raise ValueError(f"{owner}: argument 'process_group' needs mode='pairwise' (the joint critic of "
+                             f"mode={mode!r} has no pairs to shard)")
+        self.process_group = process_group
+        self.grad_average = bool(grad_average)
+        self._gathered = False
+        # The critics gather nothing: forward gathers the batch once for every term.
+        shard_kw = {} if process_group is None else {"process_group": process_group, "gather_batch": False}
         self.num_units, self.num_classes = num_units, num_classes
         self.weights = {"c4": float(c4), "c5": float(c5), "c6": float(c6)}
         self.mode = mode
@@ -121,7 +143,7 @@ class MMIMRegularizer(nn.Module):
             if mode == "pairwise":
                 return PairwiseMINE(num_units, hidden=hidden, estimator=estimator, negatives=negatives,
                                     num_negatives=num_negatives, ema=ema, smile_clip=smile_clip,
-                                    backend=backend)
+                                    backend=backend, **shard_kw)
             return TotalCorrelationMINE(num_units, hidden=tc_hidden, layers=tc_layers, estimator=estimator,
                                         num_negatives=num_negatives, ema=ema, smile_clip=smile_clip)
 
@@ -130,9 +152,14 @@ class MMIMRegularizer(nn.Module):
         self.c4_critic = redundancy() if c4 != 0 else None
         self.c5_critic = redundancy() if c5 != 0 else None
         self.c6_critic = (UnitLabelMINE(num_units, num_classes, hidden=hidden, estimator=estimator, ema=ema,
-                                        smile_clip=smile_clip) if c6 != 0 else None)
+                                        smile_clip=smile_clip, **shard_kw) if c6 != 0 else None)
         self.critic_optimizer = critic_adam(self.parameters(), critic_lr)
         self.terms: dict[str, float] = {}
+        # The pair subsets (max_pairs) come from the module's own generator, seeded from torch's
+        # global one; with a group, rank 0's, so that every rank draws the same subset.
+        self._subset_gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        if process_group is not None:
+            broadcast_generator_(process_group, self._subset_gen)
 
     def _pair_index(self, device):
         if self.max_pairs is None:
@@ -140,13 +167,15 @@ class MMIMRegularizer(nn.Module):
         P = self.num_units * (self.num_units - 1) // 2
         if self.max_pairs >= P:
             return None, 1.0
-        idx = torch.randperm(P, device=device)[: self.max_pairs]
+        idx = torch.randperm(P, generator=self._subset_gen)[: self.max_pairs].to(device)
         return idx, P / self.max_pairs
 
     def _term(self, name, h, labels, index, scale, compute_loss):
         """(signed term value, critic loss) for one term."""
         if name == "c6":
             est, loss = self.c6_critic(h, labels, compute_loss=compute_loss)
+            if self.c6_critic.shard is not None and not compute_loss:
+                return -self.c6_critic.shard.sum(est.sum()), loss
             return -est.sum(), loss
         critic = self.c4_critic if name == "c4" else self.c5_critic
         lab = labels if name == "c5" else None
@@ -165,6 +194,20 @@ class MMIMRegularizer(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Critic updates (training mode), then the penalty (scalar tensor, nats)."""
         owner = "MMIMRegularizer"
+        if self.process_group is not None and not self._gathered:
+            # One gather for every term (the checks compare every rank's shapes first).
+            features, labels = gather_batch(owner, self.process_group, features, labels, width=self.num_units,
+                                            name="features")
+            self._gathered = True
+            try:
+                penalty = self.forward(features, labels)
+            finally:
+                self._gathered = False
+            if self.grad_average:
+                # DDP divides the summed gradients by W: scale the penalty's gradient (not its value) by W.
+                world = torch.distributed.get_world_size(self.process_group)
+                penalty = penalty.detach() + world * (penalty - penalty.detach())
+            return penalty
         check_features(owner, "features", features, self.num_units)
         if not bool(torch.isfinite(features.detach()).all()):
             raise ValueError(f"{owner}: argument 'features' contains NaN or infinite values")

@@ -10,6 +10,7 @@ from torch import nn
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
 from mmim_ext.estimators.bounds import BOUNDS, LogEMA, bound_from_scores, log_mean_exp, mine_loss, nwj_bound, standardize
 from mmim_ext.estimators.negatives import NEGATIVES, make_perms
+from mmim_ext.estimators.sharding import Shard, broadcast_generator_
 from mmim_ext.ops import all_pairs, one_pass_applies, pair_stats, pair_stats_linear, pair_stats_mine_loss
 
 __all__ = ["PairwiseMINE"]
@@ -33,6 +34,15 @@ class PairwiseMINE(nn.Module):
         smile_clip: ``tau`` of SMILE.
         standardize: standardize each unit with batch statistics (see the module docstring).
         backend: forwarded to :func:`mmim_ext.pair_stats`.
+        process_group: a ``torch.distributed`` group over which the pairs are sharded: this rank
+            keeps a contiguous block of them (``self.shard``) with their critics (see
+            :mod:`mmim_ext.estimators.sharding`). Every call is then collective, on the global
+            batch; ``critic_loss`` returns the block's estimates and loss, ``penalty`` the block's
+            estimates and the value summed over ranks, ``evaluate`` every pair's estimate and
+            :meth:`matrix` the whole matrix on every rank.
+        gather_batch: with ``process_group``, whether each rank passes its own part of the batch
+            (gathered here) or every rank the same global batch (``False``; a caller that
+            gathered it, e.g. :class:`mmim_ext.MMIMRegularizer`).
 
     ``forward(h, labels=None, pair_index=None)``:
         h: ``[B, m]`` float32/float64; labels: optional ``[B]`` int64; pair_index: optional
@@ -46,7 +56,7 @@ class PairwiseMINE(nn.Module):
     def __init__(self, num_units: int, hidden: int = 16, per_pair: bool = True, pairs=None,
                  estimator: str = "mine", negatives: str = "shuffle", num_negatives: int = 1,
                  ema: float = 0.01, smile_clip: float = 5.0, standardize: bool = True, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group=None, gather_batch: bool = True):
         super().__init__()
         owner = "PairwiseMINE"
         check_positive_int(owner, "num_units", num_units, 2)
@@ -92,6 +102,17 @@ class PairwiseMINE(nn.Module):
         self.c = nn.Parameter(torch.full((n,), 1.0 if estimator == "nwj" else 0.0))
         self._ema = LogEMA(P, ema) if estimator == "mine" else None
         self.register_buffer("last", torch.zeros(P))
+        self.shard = None
+        self._perm_gen = None
+        if process_group is not None:
+            if not per_pair:
+                raise ValueError(f"{owner}: argument 'process_group' needs per_pair=True (a shared critic has no pairs to shard)")
+            # Built whole, then cut: a rank's critics start as the same pairs' critics of the
+            # module built without a group from the same seed.
+            self.shard = Shard(owner, process_group, P, gather_batch=gather_batch)
+            names = ["wa", "wb", "b", "v", "c", "pairs", "last"] + (["_ema.log_acc", "_ema.count"] if self._ema else [])
+            self.shard.cut_(self, {n: 0 for n in names})
+            self._perm_gen = broadcast_generator_(self.shard.group, torch.Generator().manual_seed(0))
 
     @property
     def num_pairs(self) -> int:
@@ -135,8 +156,11 @@ class PairwiseMINE(nn.Module):
         """See the class docstring. With ``compute_loss=False`` the critic is used frozen (its
         parameters are detached, the EMA is left alone) and the loss returned is ``None``: the
         call a regularizer makes to get a penalty differentiable w.r.t. ``h`` only."""
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.forward, h, labels, pair_index, out="penalty" if not compute_loss else "loss",
+                                  width=self.num_units, compute_loss=compute_loss)
         h, pairs = self._prepare(h, labels, pair_index)
-        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
+        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device, generator=self._perm_gen)
         if not compute_loss:
             if self.estimator == "smile":
                 t_joint, lme = self._smile_stats(h, perms, pairs, pair_index, detach=True)
@@ -173,10 +197,12 @@ class PairwiseMINE(nn.Module):
         moving-average rule applied per pair once its ``lme`` is known) instead of a forward and a
         backward; the estimates are then returned without gradient. Other cases call ``forward``.
         """
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.critic_loss, h, labels, pair_index, out="loss", width=self.num_units)
         if not (self.estimator == "mine" and self.training and self._ema is not None):
             return self(h, labels, pair_index)
         h, pairs = self._prepare(h, labels, pair_index)
-        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
+        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device, generator=self._perm_gen)
         if not one_pass_applies(h, perms, self.backend):
             return self._loss(h, perms, pairs, pair_index)  # the general path, with these negatives
         P = pairs.shape[0]
@@ -214,6 +240,8 @@ class PairwiseMINE(nn.Module):
             ``(estimates, value)``: the per-pair estimates (``[P]`` or ``[S]``, nats, without
             gradient; also recorded as by ``forward``) and ``value``, a 0-d tensor.
         """
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.penalty, h, labels, pair_index, out="penalty", width=self.num_units, coef=coef)
         coef = float(coef)
         if not math.isfinite(coef):
             raise ValueError(f"PairwiseMINE.penalty: argument 'coef' must be a finite number, got {coef!r}")
@@ -221,7 +249,7 @@ class PairwiseMINE(nn.Module):
             est, _ = self(h, labels, pair_index, compute_loss=False)
             return est.detach(), coef * est.sum()
         h, pairs = self._prepare(h, labels, pair_index)
-        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
+        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device, generator=self._perm_gen)
         params = self._params(pair_index, h.dtype, detach=True)
         ct = torch.full((pairs.shape[0],), coef, dtype=h.dtype, device=h.device)
         value, t_joint, lme = pair_stats_linear(h, *params, perms, ct, -ct, pairs, backend=self.backend)
@@ -259,8 +287,11 @@ class PairwiseMINE(nn.Module):
         ``negatives="all"`` uses every other sample; ``"shift"`` ``num_negatives`` shifts. The
         shifts are processed in chunks of at most ``max_evals`` critic evaluations per call of
         the op and merged by log-sum-exp, so memory stays bounded for large validation sets.
-        Updates :meth:`matrix`. Returns ``[P]``.
+        Updates :meth:`matrix`. Returns ``[P]`` (with ``process_group``: every pair's, on every rank).
         """
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.evaluate, h, labels, out="gather", width=self.num_units, negatives=negatives,
+                                  num_negatives=num_negatives, max_evals=max_evals, seed=seed)
         h, pairs = self._prepare(h, labels, None)
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         num = min(num_negatives, h.shape[0] - 1)
@@ -300,11 +331,15 @@ class PairwiseMINE(nn.Module):
 
     def matrix(self) -> torch.Tensor:
         """Latest estimates as a symmetric ``[m, m]`` matrix (nats, zero diagonal and zero for
-        pairs the module does not estimate)."""
+        pairs the module does not estimate). With ``process_group``: every rank's pairs, on every
+        rank (a collective call)."""
         m = self.num_units
-        out = torch.zeros(m, m, dtype=self.last.dtype, device=self.last.device)
-        out[self.pairs[:, 0], self.pairs[:, 1]] = self.last
-        out[self.pairs[:, 1], self.pairs[:, 0]] = self.last
+        pairs, last = self.pairs, self.last
+        if self.shard is not None:
+            pairs, last = self.shard.gather(pairs), self.shard.gather(last)
+        out = torch.zeros(m, m, dtype=last.dtype, device=last.device)
+        out[pairs[:, 0], pairs[:, 1]] = last
+        out[pairs[:, 1], pairs[:, 0]] = last
         return out
 
 

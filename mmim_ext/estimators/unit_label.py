@@ -10,6 +10,7 @@ from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
 from mmim_ext.estimators.bounds import BOUNDS, LogEMA, mine_loss, nwj_bound, standardize
+from mmim_ext.estimators.sharding import Shard
 from mmim_ext.ops import label_critic_scores
 
 __all__ = ["UnitLabelMINE"]
@@ -26,10 +27,18 @@ class UnitLabelMINE(nn.Module):
 
     ``forward(h, labels)`` with ``h`` ``[B, m]`` and ``labels`` ``[B]`` int64 returns
     ``(estimates [m], loss)``; ``loss`` is the sum over units.
+
+    With ``process_group`` (a ``torch.distributed`` group) the units are sharded: this rank keeps
+    the critics of a contiguous block of them (``self.shard``; ``num_units`` is then the block's
+    size and ``total_units`` the layer's width), every call is collective on the global batch
+    (each rank passes its part, or with ``gather_batch=False`` every rank the same global
+    batch), estimates are the block's and a penalty is summed over ranks; see
+    :mod:`mmim_ext.estimators.sharding`.
     """
 
     def __init__(self, num_units: int, num_classes: int, hidden: int = 16, estimator: str = "mine",
-                 ema: float = 0.01, smile_clip: float = 5.0, standardize: bool = True):
+                 ema: float = 0.01, smile_clip: float = 5.0, standardize: bool = True, *, process_group=None,
+                 gather_batch: bool = True):
         super().__init__()
         owner = "UnitLabelMINE"
         check_positive_int(owner, "num_units", num_units)
@@ -49,6 +58,14 @@ class UnitLabelMINE(nn.Module):
         self.c = nn.Parameter(torch.full((num_units,), 1.0 if estimator == "nwj" else 0.0))
         self._ema = LogEMA(num_units, ema) if estimator == "mine" else None
         self.register_buffer("last", torch.zeros(num_units))
+        self.total_units = num_units
+        self.shard = None
+        if process_group is not None:
+            # Built whole, then cut: a rank's critics start as the same units' critics without a group.
+            self.shard = Shard(owner, process_group, num_units, gather_batch=gather_batch, what="units")
+            names = ["emb", "w", "b", "v", "c", "last"] + (["_ema.log_acc", "_ema.count"] if self._ema else [])
+            self.shard.cut_(self, {n: 0 for n in names})
+            self.num_units = self.shard.size
 
     def _scores(self, h, labels, detach=False):
         """Joint scores ``[B, m]`` and scores for every class ``[B, m, C]``."""
@@ -62,6 +79,8 @@ class UnitLabelMINE(nn.Module):
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor, *, compute_loss: bool = True):
         """See the class docstring; ``compute_loss=False``: frozen critic, loss ``None``."""
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.forward, h, labels, out="loss", width=self.total_units, compute_loss=compute_loss)
         owner = "UnitLabelMINE.forward"
         check_features(owner, "h", h, self.num_units)
         if labels is None:
