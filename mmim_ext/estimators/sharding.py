@@ -280,8 +280,8 @@ class Shard:
         """Call the module's entry point ``method`` (bound) on the global batch and this rank's
         part of ``pair_index``; ``out`` says how the result leaves the rank:
 
-        ``"loss"``     ``(local estimates, local loss)``: the rank's own critics' loss, nothing
-                       reduced (each rank steps its own critics);
+        ``"local"``    the result as it is, e.g. ``(local estimates, local loss)``: the rank's
+                       own critics' loss, nothing reduced (each rank steps its own critics);
         ``"penalty"``  ``(local estimates, value)`` with ``value`` summed over ranks
                        (:func:`reduce_sum`);
         ``"gather"``   the per-item result of every rank, ``[total]``.
@@ -301,7 +301,7 @@ class Shard:
             # the reductions and keeps the gathered batch in the graph (its backward is a
             # collective every rank must join).
             est = h.new_zeros((0,))
-            if out == "loss":
+            if out == "local":
                 return est, sum(p.sum() * 0 for p in module.parameters())
             return est, self.sum(h.sum() * 0)
         self.inside = True
@@ -309,7 +309,7 @@ class Shard:
             result = method(*args, **kw)
         finally:
             self.inside = False
-        if out == "loss":
+        if out == "local":
             return result
         if out == "penalty":
             est, value = result
