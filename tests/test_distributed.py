@@ -31,6 +31,7 @@ SPAWN_DEADLINE = 240.0  # seconds for the whole spawn (imports dominate on a loa
 M, C, HIDDEN = 5, 3, 4
 REG_CONFIGS = {"all_pairs": {}, "subset": {"max_pairs": 4}}
 CALLS = 3
+NEG = "all"
 
 
 def _batch(step: int, B: int, m: int = M, classes: int = C):
@@ -51,7 +52,7 @@ def _rows(B: int, world: int, rank: int) -> slice:
 def _make_reg(seed: int, group=None, **kw):
     torch.manual_seed(seed)
     extra = {} if group is None else {"process_group": group}
-    return MMIMRegularizer(M, C, hidden=HIDDEN, critic_lr=1e-2, **kw, **extra)
+    return MMIMRegularizer(M, C, hidden=HIDDEN, critic_lr=1e-2, negatives=NEG, **kw, **extra)
 
 
 def _train_reg(reg, steps, B, world=1, rank=0, first=0):
@@ -87,7 +88,7 @@ def _scenario_regularizer(rank, groups, out):
             res = {"pens": pens, "terms": terms, "grads": grads, "state": reg.state_dict(), "shards": ckpt["shards"],
                    "c4_matrix": reg.c4_critic.matrix(), "c5_matrix": reg.c5_critic.matrix()}
             # grad_average=True (the default): W times that gradient, the same value.
-            reg_avg = _make_reg(0, group, **kw)
+            reg_avg = _make_reg(0, group, critic_steps=0, **kw)  # same critics as the single process: tight
             res["avg_pens"], _, res["avg_grads"] = _train_reg(reg_avg, 1, B, world, rank)
             out[f"reg/{world}/{name}"] = res
             if world == 2 and name == "all_pairs":
@@ -112,7 +113,7 @@ def _scenario_pairwise(rank, groups, out):
         return
     B = 9
     torch.manual_seed(1)
-    mod = PairwiseMINE(M, hidden=HIDDEN, process_group=group)
+    mod = PairwiseMINE(M, hidden=HIDDEN, negatives=NEG, process_group=group)
     opt = mmim_ext.estimators.critic_adam(mod.parameters(), 1e-2)
     rows = _rows(B, 2, rank)
     res = {"est": [], "loss": []}
@@ -121,9 +122,11 @@ def _scenario_pairwise(rank, groups, out):
         est, loss = mod.critic_loss(h[rows], y[rows])
         opt.zero_grad()
         loss.backward()
+        if s == 0:  # the same critics as the single process: their gradients agree to rounding
+            res["critic_grads"] = {n: p.grad.clone() for n, p in mod.named_parameters()}
         opt.step()
         res["est"].append(est.detach())
-        res["loss"].append(float(loss))
+        res["loss"].append(float(loss.detach()))
     h, y = _batch(CALLS, B)
     x = h[rows].clone().requires_grad_(True)
     index = torch.tensor([9, 0, 4, 7, 2])
@@ -142,7 +145,7 @@ def _scenario_estimate(rank, groups, out):
     out["estimate/2"] = estimate_pairwise_mi(h, process_group=group, **ESTIMATE_KW)
 
 
-ESTIMATE_KW = {"hidden": HIDDEN, "batch_size": 64, "max_epochs": 3, "patience": 2, "val_negatives": 16, "seed": 3}
+ESTIMATE_KW = {"negatives": NEG, "hidden": HIDDEN, "batch_size": 64, "max_epochs": 3, "patience": 2, "val_negatives": 16, "seed": 3}
 
 
 def _scenario_single(rank, groups, out):
@@ -174,7 +177,7 @@ def _scenario_errors(rank, groups, out):
     rows = _rows(8, 2, rank)
     width = h[rows] if rank == 0 else torch.randn(4, M + 1)
     msgs = {"width": _catch(lambda: reg(width, y[rows]))}
-    mod = PairwiseMINE(M, hidden=HIDDEN, process_group=group)
+    mod = PairwiseMINE(M, hidden=HIDDEN, negatives=NEG, process_group=group)
     msgs["labels"] = _catch(lambda: mod.critic_loss(h[rows], y[rows] if rank == 0 else None))
     msgs["dtype"] = _catch(lambda: mod.critic_loss(h[rows].double() if rank == 1 else h[rows]))
     replicated = PairwiseMINE(M, hidden=HIDDEN, process_group=group, gather_batch=False)
@@ -270,6 +273,26 @@ def runs(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(3)]
 
 
+# Tolerances. The ranks' arithmetic per pair is the single process's, but the kernels and the
+# fused Adam vectorize over a rank's block instead of all pairs, which moves the last bit of some
+# results. Through the same critics that is float32 rounding (TIGHT). Adam's step
+# m / (sqrt(v) + 1e-8) turns a last-bit change of a near-zero critic gradient (a critic's hidden
+# unit that is almost dead on the batch) into up to a few percent of a step (lr = 1e-2), which then
+# shows in the features' gradients: after critic updates the comparison is looser (TRAINED).
+# A wrong block, sign, scale or a missing term is off by whole steps or by factors.
+TIGHT = {"rtol": 1e-5, "atol": 1e-6}
+VALUE_TOL = {"rtol": 1e-4, "atol": 2e-5}
+PARAM_TOL = {"rtol": 1e-3, "atol": 1e-3}  # critic learning rate 1e-2, three Adam steps
+# The Donsker-Varadhan bound does not depend on a critic's output bias c (it cancels between
+# E_P[T] and log E_Q[e^T]), so c's gradient is rounding noise, which Adam turns into steps of up
+# to lr either way: c agrees only to three steps.
+BIAS_TOL = {"rtol": 0.0, "atol": 3e-2}
+
+
+def _grad_tol(ref_grad, trained=True):
+    return {"rtol": 1e-4, "atol": (2e-3 if trained else 1e-5) * float(ref_grad.abs().max()) + 1e-9}
+
+
 def _close(a, b, what, rtol=1e-5, atol=1e-6):
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     assert a.shape == b.shape, f"{what}: shapes {list(a.shape)} vs {list(b.shape)}"
@@ -289,7 +312,7 @@ def _check_state(ref_state, state, shards, what):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             # Adam divides by the root of its second moment: float32 rounding of a gradient
             # (summed in another order) moves a parameter by more than the gradient's rounding.
-            _close(t, want, f"{what}: {name}", rtol=1e-4, atol=1e-5)
+            _close(t, want, f"{what}: {name}", **(BIAS_TOL if name.rpartition(".")[2] == "c" else PARAM_TOL))
         else:
             assert torch.equal(torch.as_tensor(t), torch.as_tensor(want)), f"{what}: {name}"
 
@@ -305,22 +328,22 @@ def test_regularizer_matches_single_process(runs, world, config):
         got = runs[rank][f"reg/{world}/{config}"]
         assert got["shards"]["c4_critic"]["world_size"] == world
         for s in range(CALLS):
-            _close(got["pens"][s], pens[s], f"rank {rank} penalty {s}")
+            _close(got["pens"][s], pens[s], f"rank {rank} penalty {s}", **VALUE_TOL)
             for k in terms[s]:
-                _close(got["terms"][s][k], terms[s][k], f"rank {rank} term {k} call {s}")
+                _close(got["terms"][s][k], terms[s][k], f"rank {rank} term {k} call {s}", **VALUE_TOL)
             _close(got["grads"][s], grads[s][_rows(B, world, rank)], f"rank {rank} feature grad {s}",
-                   atol=1e-6 * float(grads[s].abs().max()) + 1e-9)
+                   **_grad_tol(grads[s]))
         _check_state(ref_state, got["state"], got["shards"], f"rank {rank} critics after {CALLS} calls")
-        _close(got["c4_matrix"], ref.c4_critic.matrix(), f"rank {rank} c4 matrix")
-        _close(got["c5_matrix"], ref.c5_critic.matrix(), f"rank {rank} c5 matrix")
+        _close(got["c4_matrix"], ref.c4_critic.matrix(), f"rank {rank} c4 matrix", **VALUE_TOL)
+        _close(got["c5_matrix"], ref.c5_critic.matrix(), f"rank {rank} c5 matrix", **VALUE_TOL)
     # With DDP's averaging in mind (grad_average=True) the same value and W times the gradient.
-    ref1 = _make_reg(0, **REG_CONFIGS[config])
+    ref1 = _make_reg(0, critic_steps=0, **REG_CONFIGS[config])
     pens1, _, grads1 = _train_reg(ref1, 1, B)
     for rank in range(world):
         got = runs[rank][f"reg/{world}/{config}"]
-        _close(got["avg_pens"][0], pens1[0], f"rank {rank} penalty (grad_average)")
+        _close(got["avg_pens"][0], pens1[0], f"rank {rank} penalty (grad_average)", **TIGHT)
         _close(got["avg_grads"][0], world * grads1[0][_rows(B, world, rank)], f"rank {rank} grad (grad_average)",
-               atol=1e-6 * world * float(grads1[0].abs().max()) + 1e-9)
+               **_grad_tol(world * grads1[0], trained=False))
 
 
 def test_shards_are_balanced_blocks(runs):
@@ -344,33 +367,46 @@ def test_restore_on_another_world_size(runs):
     for rank in range(3):
         got = runs[rank]["restore/3"]
         assert got["shards"]["c4_critic"]["world_size"] == 3
-        _close(got["pens"][0], pens[0], f"rank {rank} penalty after restore")
-        _close(got["grads"][0], grads[0][_rows(11, 3, rank)], f"rank {rank} grad after restore",
-               atol=1e-6 * float(grads[0].abs().max()) + 1e-9)
+        _close(got["pens"][0], pens[0], f"rank {rank} penalty after restore", **VALUE_TOL)
+        _close(got["grads"][0], grads[0][_rows(11, 3, rank)], f"rank {rank} grad after restore", **_grad_tol(grads[0]))
         _check_state(ref.state_dict(), got["state"], got["shards"], f"rank {rank} restored and trained")
 
 
 def test_restore_without_group(runs):
-    # The 2-rank checkpoint restored into a module built without a group: both blocks, whole.
+    # The 2-rank checkpoint restored into a module built without a group: the two blocks, joined
+    # exactly (a re-shard only moves data), parameters, buffers and Adam's moments alike.
+    ckpts = [runs[r]["ckpt/2"] for r in range(2)]
+    reg = _make_reg(7)
+    load_sharded_state_dict(reg, ckpts, reg.critic_optimizer)
+    state = reg.state_dict()
+    joined = set()
+    for prefix, meta in ckpts[0]["shards"].items():
+        for rel, dim in meta["dims"].items():
+            name = f"{prefix}.{rel}"
+            assert torch.equal(state[name], torch.cat([c["module"][name] for c in ckpts], dim)), name
+            joined.add(name)
+    assert {"c4_critic.wa", "c5_critic._ema.log_acc", "c6_critic.emb", "c4_critic.pairs"} <= joined
+    for name in set(state) - joined:
+        assert torch.equal(state[name], ckpts[0]["module"][name]), name
+    names = [n for n, _ in reg.named_parameters()]
+    opt = reg.critic_optimizer.state_dict()["state"]
+    for i, name in enumerate(names):
+        for key, val in opt[i].items():
+            parts = [c["optimizer"]["state"][i][key] for c in ckpts]
+            want = torch.cat(parts, 0) if val.dim() else parts[0]
+            assert torch.equal(val, want), (name, key)
+    # and it trains on as the single process does
     ref = _make_reg(0)
     _train_reg(ref, CALLS, 11)
-    reg = _make_reg(7)
-    load_sharded_state_dict(reg, [runs[r]["ckpt/2"] for r in range(2)], reg.critic_optimizer)
-    _check_state(ref.state_dict(), reg.state_dict(), {}, "restored without a group")
-    want = ref.critic_optimizer.state_dict()["state"]
-    got = reg.critic_optimizer.state_dict()["state"]
-    assert set(got) == set(want)
-    for i in want:
-        for key in want[i]:
-            _close(got[i][key], want[i][key], f"optimizer state {i} {key}", rtol=1e-4, atol=1e-7)
-    # and it trains on as the single process does
-    _close(_train_reg(reg, 1, 11, first=CALLS)[0][0], _train_reg(ref, 1, 11, first=CALLS)[0][0], "next penalty")
+    _check_state(ref.state_dict(), state, {}, "restored without a group")
+    _close(_train_reg(reg, 1, 11, first=CALLS)[0][0], _train_reg(ref, 1, 11, first=CALLS)[0][0], "next penalty",
+           **VALUE_TOL)
 
 
 def test_pairwise_mine_matches_single_process(runs):
     B = 9
     torch.manual_seed(1)
-    ref = PairwiseMINE(M, hidden=HIDDEN)
+    ref = PairwiseMINE(M, hidden=HIDDEN, negatives=NEG)
     opt = mmim_ext.estimators.critic_adam(ref.parameters(), 1e-2)
     ests = []
     for s in range(CALLS):
@@ -378,6 +414,8 @@ def test_pairwise_mine_matches_single_process(runs):
         est, loss = ref.critic_loss(h, y)
         opt.zero_grad()
         loss.backward()
+        if s == 0:
+            critic_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
         opt.step()
         ests.append(est.detach())
     h, y = _batch(CALLS, B)
@@ -390,22 +428,24 @@ def test_pairwise_mine_matches_single_process(runs):
         got = runs[rank]["pairwise/2"]
         meta = got["meta"]
         lo, hi = meta["lo"], meta["hi"]
-        for s in range(CALLS):
-            _close(got["est"][s], ests[s][lo:hi], f"rank {rank} estimates {s}")
+        for n, g in critic_grads.items():
+            _close(got["critic_grads"][n], g[lo:hi], f"rank {rank} critic gradient {n}", **TIGHT)
+        _close(got["est"][0], ests[0][lo:hi], f"rank {rank} estimates 0", **TIGHT)
+        for s in range(1, CALLS):
+            _close(got["est"][s], ests[s][lo:hi], f"rank {rank} estimates {s}", **VALUE_TOL)
         _check_state(ref.state_dict(), got["state"], {"": meta}, f"rank {rank} critics")
         mine = (index >= lo) & (index < hi)
-        _close(got["pen_est"], pen_est[mine], f"rank {rank} penalty estimates (pair_index)")
-        _close(got["pen"], float(value), f"rank {rank} penalty")
-        _close(got["grad"], x.grad[_rows(B, 2, rank)], f"rank {rank} feature grad",
-               atol=1e-6 * float(x.grad.abs().max()) + 1e-9)
-        _close(got["evaluate"], evaluate, f"rank {rank} evaluate (every pair)")
-        _close(got["matrix"], ref.matrix(), f"rank {rank} matrix")
+        _close(got["pen_est"], pen_est[mine], f"rank {rank} penalty estimates (pair_index)", **VALUE_TOL)
+        _close(got["pen"], float(value.detach()), f"rank {rank} penalty", **VALUE_TOL)
+        _close(got["grad"], x.grad[_rows(B, 2, rank)], f"rank {rank} feature grad", **_grad_tol(x.grad))
+        _close(got["evaluate"], evaluate, f"rank {rank} evaluate (every pair)", **VALUE_TOL)
+        _close(got["matrix"], ref.matrix(), f"rank {rank} matrix", **VALUE_TOL)
 
 
 def test_estimate_pairwise_mi_matches_single_process(runs):
     want = estimate_pairwise_mi(_batch(50, 160)[0], **ESTIMATE_KW)
     for rank in range(2):
-        _close(runs[rank]["estimate/2"], want, f"rank {rank} estimate_pairwise_mi", atol=1e-5)
+        _close(runs[rank]["estimate/2"], want, f"rank {rank} estimate_pairwise_mi", **VALUE_TOL)
 
 
 def test_group_of_one_is_no_group(runs):
@@ -445,4 +485,4 @@ def test_ddp_model_with_sharded_regularizer_trains_like_single_process(runs):
         opt.step()
     for rank in range(3):
         for k, v in net.state_dict().items():
-            _close(runs[rank]["ddp/3"][k], v, f"rank {rank} model {k}", rtol=1e-5, atol=1e-6)
+            _close(runs[rank]["ddp/3"][k], v, f"rank {rank} model {k}", **VALUE_TOL)
