@@ -88,6 +88,9 @@ class MMIMRegularizer(nn.Module):
             of product-of-marginals draws in ``"total"`` mode.
         max_pairs: evaluate a random subset of this many pairs per call (``None``: all).
         ema, smile_clip: see :class:`mmim_ext.PairwiseMINE`.
+        seed: seed of the regularizer's own generator (pair subsets) and of its critics'
+            generators (negatives: ``seed + 1`` for C4, ``seed + 2`` for C5); ``None`` draws them
+            from PyTorch's global generator.
         backend: forwarded to :func:`mmim_ext.pair_stats`.
         process_group: a ``torch.distributed`` group over which the critics are sharded (pairs
             of C4 and C5, units of C6; ``mode="pairwise"`` only). Each rank passes its own part of
@@ -102,14 +105,22 @@ class MMIMRegularizer(nn.Module):
             single-process gradient on the global batch, so that after DDP's averaging the model
             moves as the single-process model on the global batch does. ``False``: the features
             receive exactly the single-process gradient (for summed gradients, or no DDP).
+
+    C5's critics see the label (``num_classes``: class-specific pairwise critics, or a joint
+    critic on ``[h, onehot(y)]`` in ``"total"`` mode); see :class:`mmim_ext.PairwiseMINE` for
+    their memory cost (``C``-fold that of C4's critics).
+
+    ``state_dict()`` holds everything a run needs to continue bitwise as if it had not stopped:
+    the critics, their moving averages, the critic optimizer's state and the random state of
+    the pair subsets and negatives (``get_extra_state``).
     """
 
     def __init__(self, num_units: int, num_classes: int, *, c4: float = 1.0, c5: float = 1.0, c6: float = 1.0,
                  mode: str = "pairwise", hidden: int = 16, tc_hidden: int = 64, tc_layers: int = 2,
                  critic_lr: float = 1e-3, critic_steps: int = 1, estimator: str = "mine",
                  negatives: str = "shuffle", num_negatives: int = 1, max_pairs: int | None = None,
-                 ema: float = 0.01, smile_clip: float = 5.0, backend: str = "auto", process_group=None,
-                 grad_average: bool = True):
+                 ema: float = 0.01, smile_clip: float = 5.0, seed: int | None = None, backend: str = "auto",
+                 process_group=None, grad_average: bool = True):
         super().__init__()
         owner = "MMIMRegularizer"
         check_positive_int(owner, "num_units", num_units, 2)
@@ -140,28 +151,40 @@ class MMIMRegularizer(nn.Module):
         self.mode = mode
         self.critic_steps = critic_steps
         self.max_pairs = max_pairs if mode == "pairwise" else None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"{owner}: argument 'seed' must be None or an int >= 0, got {seed!r}")
 
-        def redundancy():
+        def redundancy(conditional, offset):
+            sub_seed = None if seed is None else seed + offset
+            classes = num_classes if conditional else None
             if mode == "pairwise":
                 return PairwiseMINE(num_units, hidden=hidden, estimator=estimator, negatives=negatives,
                                     num_negatives=num_negatives, ema=ema, smile_clip=smile_clip,
-                                    backend=backend, **shard_kw)
+                                    num_classes=classes, seed=sub_seed, backend=backend, **shard_kw)
             return TotalCorrelationMINE(num_units, hidden=tc_hidden, layers=tc_layers, estimator=estimator,
-                                        num_negatives=num_negatives, ema=ema, smile_clip=smile_clip)
+                                        num_negatives=num_negatives, ema=ema, smile_clip=smile_clip,
+                                        num_classes=classes, seed=sub_seed)
 
-        # I(h) and I(h|Y) have different optimal critics (log p(a,b)/p(a)p(b) vs the same
-        # ratio within a class), so they get separate critics.
-        self.c4_critic = redundancy() if c4 != 0 else None
-        self.c5_critic = redundancy() if c5 != 0 else None
+        # I(h) and I(h|Y) have different optimal critics (log p(a,b)/p(a)p(b) vs the ratio
+        # within each class, which depends on the class), so they get separate critics and C5's
+        # see the label.
+        self.c4_critic = redundancy(False, 1) if c4 != 0 else None
+        self.c5_critic = redundancy(True, 2) if c5 != 0 else None
         self.c6_critic = (UnitLabelMINE(num_units, num_classes, hidden=hidden, estimator=estimator, ema=ema,
                                         smile_clip=smile_clip, **shard_kw) if c6 != 0 else None)
         self.critic_optimizer = critic_adam(self.parameters(), critic_lr)
-        self.terms: dict[str, float] = {}
-        # The pair subsets (max_pairs) come from the module's own generator, seeded from torch's
-        # global one; with a group, rank 0's, so that every rank draws the same subset.
-        self._subset_gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else seed)
         if process_group is not None:
-            broadcast_generator_(process_group, self._subset_gen)
+            broadcast_generator_(process_group, self.generator)  # the same pair subsets on every rank
+        self.terms: dict[str, float] = {}
+
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state(), "critic_optimizer": self.critic_optimizer.state_dict()}
+
+    def set_extra_state(self, state) -> None:
+        self.generator.set_state(state["generator"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def _pair_index(self, device):
         if self.max_pairs is None:
@@ -169,7 +192,7 @@ class MMIMRegularizer(nn.Module):
         P = self.num_units * (self.num_units - 1) // 2
         if self.max_pairs >= P:
             return None, 1.0
-        idx = torch.randperm(P, generator=self._subset_gen)[: self.max_pairs].to(device)
+        idx = torch.randperm(P, generator=self.generator)[: self.max_pairs].to(device)
         return idx, P / self.max_pairs
 
     def _terms(self):

@@ -234,6 +234,7 @@ class Shard:
             prefix, _, leaf = name.rpartition(".")
             owner = module.get_submodule(prefix) if prefix else module
             t = getattr(owner, leaf)
+            dim = dim % t.dim()
             if t.shape[dim] != self.total:
                 raise RuntimeError(f"{self.owner}: tensor {name!r} has {t.shape[dim]} along dim {dim}, "
                                    f"expected {self.total}")
@@ -301,6 +302,12 @@ class Shard:
             # the reductions and keeps the gathered batch in the graph (its backward is a
             # collective every rank must join).
             est = h.new_zeros((0,))
+            if getattr(module, "generator", None) is not None and hasattr(module, "_groups"):
+                # Draw the negatives the call would have drawn, so that this rank's generator
+                # stays in step with the ranks that own selected pairs.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    module._groups(h, labels, f"{self.owner}.{name}")
             if out == "local":
                 return est, sum(p.sum() * 0 for p in module.parameters())
             return est, self.sum(h.sum() * 0)
@@ -364,7 +371,9 @@ def load_sharded_state_dict(module: nn.Module, checkpoints, optimizer: torch.opt
     on any number of ranks: the blocks are cut by item index to this rank's block, so a run saved
     on 4 ranks restores on 2, 3 or 1 (a module without ``process_group``). ``checkpoints``: the
     list of saved dicts (all ranks', or at least those covering this rank's block); the
-    unsharded tensors are taken from the first.
+    unsharded tensors and random states are taken from the first. An optimizer state kept in a
+    module's extra state (:class:`mmim_ext.MMIMRegularizer`'s ``critic_optimizer``) is cut the
+    same way as ``optimizer``'s.
     """
     checkpoints = list(checkpoints)
     if not checkpoints:
@@ -377,7 +386,7 @@ def load_sharded_state_dict(module: nn.Module, checkpoints, optimizer: torch.opt
             names |= {(f"{prefix}.{n}" if prefix else n, prefix, d) for n, d in m["dims"].items()}
     target = module.state_dict()
     state = dict(checkpoints[0]["module"])
-    cut_dims = {}
+    cuts = {}  # state_dict name -> (dim, new lo, new hi, saved ranges)
     for name, prefix, dim in names:
         if name not in target:
             raise ValueError(f"load_sharded_state_dict: the checkpoint's sharded tensor {name!r} is not in the module")
@@ -390,36 +399,50 @@ def load_sharded_state_dict(module: nn.Module, checkpoints, optimizer: torch.opt
             lo, hi = sh.lo, sh.hi
         else:  # restored without a process group: the whole
             lo, hi = 0, total
-        pieces = [(m[prefix]["lo"], m[prefix]["hi"], c["module"][name]) for c, m in zip(checkpoints, saved_meta)]
-        state[name] = _cut(name, dim, lo, hi, _unique(pieces))
-        cut_dims[name] = (dim, lo, hi, [(m[prefix]["lo"], m[prefix]["hi"]) for m in saved_meta])
+        ranges = [(m[prefix]["lo"], m[prefix]["hi"]) for m in saved_meta]
+        state[name] = _cut(name, dim, lo, hi, _unique([(*r, c["module"][name]) for r, c in zip(ranges, checkpoints)]))
+        cuts[name] = (dim, lo, hi, ranges)
+    for key, extra in state.items():
+        if key.rpartition(".")[2] == "_extra_state" and isinstance(extra, dict) and "critic_optimizer" in extra:
+            prefix = key.rpartition(".")[0]
+            owner = module.get_submodule(prefix) if prefix else module
+            saved = [c["module"][key]["critic_optimizer"] for c in checkpoints]
+            pnames = {id(p): (f"{prefix}.{n}" if prefix else n) for n, p in owner.named_parameters()}
+            order = [pnames.get(id(p)) for g in owner.critic_optimizer.param_groups for p in g["params"]]
+            state[key] = {**extra, "critic_optimizer": _cut_optimizer(saved, order, cuts, checkpoints)}
     module.load_state_dict(state)
     if optimizer is None:
         return
-    saved_opt = [c.get("optimizer") for c in checkpoints]
-    if any(o is None for o in saved_opt):
+    saved = [c.get("optimizer") for c in checkpoints]
+    if any(o is None for o in saved):
         raise ValueError("load_sharded_state_dict: argument 'optimizer' given but a checkpoint has no optimizer state")
     pnames = {id(p): n for n, p in module.named_parameters()}
     order = [pnames.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
-    opt = dict(saved_opt[0])
-    opt["state"] = {}
+    optimizer.load_state_dict(_cut_optimizer(saved, order, cuts, checkpoints))
+
+
+def _cut_optimizer(saved: list[dict], order: list, cuts: dict, checkpoints: list[dict]) -> dict:
+    """An optimizer state dict for this rank from the saved ones: per-parameter state tensors
+    shaped like their parameter (Adam's moments) cut as the parameter; the rest (step) copied."""
+    out = dict(saved[0])
+    out["state"] = {}
     for i, name in enumerate(order):
-        entries = [o["state"].get(i) for o in saved_opt]
+        entries = [o["state"].get(i) for o in saved]
         if entries[0] is None:
             continue
-        if name in cut_dims:
-            dim, lo, hi, ranges = cut_dims[name]
-            new = {}
-            for key, val in entries[0].items():
-                if isinstance(val, torch.Tensor) and val.dim() > dim and val.shape == checkpoints[0]["module"][name].shape:
-                    pieces = [(r[0], r[1], e[key]) for r, e in zip(ranges, entries)]
-                    new[key] = _cut(f"{name} ({key})", dim, lo, hi, _unique(pieces))
-                else:
-                    new[key] = val
-            opt["state"][i] = new
-        else:
-            opt["state"][i] = entries[0]
-    optimizer.load_state_dict(opt)
+        if name not in cuts:
+            out["state"][i] = entries[0]
+            continue
+        dim, lo, hi, ranges = cuts[name]
+        shape = checkpoints[0]["module"][name].shape
+        new = {}
+        for key, val in entries[0].items():
+            if isinstance(val, torch.Tensor) and val.shape == shape:
+                new[key] = _cut(f"{name} ({key})", dim, lo, hi, _unique([(*r, e[key]) for r, e in zip(ranges, entries)]))
+            else:
+                new[key] = val
+        out["state"][i] = new
+    return out
 
 
 def _unique(pieces):
