@@ -523,3 +523,31 @@ def test_ddp_model_with_sharded_regularizer_trains_like_single_process(runs):
     for rank in range(3):
         for k, v in net.state_dict().items():
             _close(runs[rank]["ddp/3"][k], v, f"rank {rank} model {k}", **VALUE_TOL)
+
+
+def test_shard_range_is_a_balanced_partition():
+    for total in (1, 2, 7, 10, 2_096_128):
+        for world in range(1, min(total, 9) + 1):
+            blocks = [shard_range(total, world, r) for r in range(world)]
+            assert blocks[0][0] == 0 and blocks[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+            sizes = [hi - lo for lo, hi in blocks]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_process_group_needs_initialized_distributed():
+    if dist.is_initialized():
+        pytest.skip("this process has a process group")
+    with pytest.raises(RuntimeError, match="process_group.*init_process_group"):
+        PairwiseMINE(M, process_group=object())
+    with pytest.raises(RuntimeError, match="process_group.*init_process_group"):
+        MMIMRegularizer(M, C, process_group=object())
+
+
+def test_bad_sharding_arguments():
+    with pytest.raises(ValueError, match="mode='pairwise'"):
+        MMIMRegularizer(M, C, mode="total", process_group=object())
+    with pytest.raises(ValueError, match="seed.*process_group"):
+        estimate_pairwise_mi(_batch(50, 160)[0], seed=None, process_group=object())
+    with pytest.raises(ValueError, match="checkpoints"):
+        load_sharded_state_dict(_make_reg(0), [])

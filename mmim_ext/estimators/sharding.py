@@ -85,8 +85,9 @@ def _all_gather_rows(group, t: torch.Tensor) -> torch.Tensor:
 
 
 def _autograd_all_gather(group, t: torch.Tensor):
-    # The documented autograd all-gather; this torch warns that it moves to functional
-    # collectives, whose backward needs reduce-scatter (not in every gloo build).
+    # The autograd all-gather of torch.distributed.nn (its backward sums every rank's gradient of
+    # this rank's rows: reduce-scatter on nccl, all-to-all on gloo). This torch marks it
+    # deprecated in favour of the functional collectives; the warning is silenced here only.
     import torch.distributed.nn.functional as dnn
 
     with warnings.catch_warnings():
@@ -332,15 +333,6 @@ class Shard:
 
 def _shards(module: nn.Module) -> dict[str, Shard]:
     return {prefix: m.shard for prefix, m in module.named_modules() if isinstance(getattr(m, "shard", None), Shard)}
-
-
-def _sharded_names(module: nn.Module) -> dict[str, tuple[str, int]]:
-    """``{state_dict name: (module prefix, dim)}`` of every sharded tensor under ``module``."""
-    out = {}
-    for prefix, sh in _shards(module).items():
-        for name, dim in sh.dims.items():
-            out[f"{prefix}.{name}" if prefix else name] = (prefix, dim)
-    return out
 
 
 def sharded_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
