@@ -11,8 +11,10 @@ itself is left out). Reported per rank:
   the moving averages (the state that sharding divides);
 * ``peak_rss_MB``: the process's peak resident memory (includes torch, the extension, and the
   construction of the whole critic set before it is cut to the block);
-* ``call_s``: median wall time of a training call; ``kernel_s``: the same call's time outside
-  the collectives is not separable, so ``work_pairs`` (pairs per rank) is given alongside;
+* ``call_s``: median wall time of a training call, and ``cpu_s``: the CPU time the rank's process
+  spent in it (all its threads, gloo's included). On a shared machine with fewer cores than
+  busy processes the wall time measures the scheduler; the CPU time is the rank's work.
+  ``work_pairs`` is the number of pairs the rank holds;
 * ``sent_MB``: bytes this rank wrote to its sockets during one call (``/proc/self/io`` wchar:
   the gloo traffic on the wire), against the derived ``2 (W-1) (B/W) m 4`` bytes of the features'
   all-gather and its backward.
@@ -61,16 +63,17 @@ def _worker(rank, world, port, args, out_dir):
     h = torch.randn(args.batch, args.m, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
     rows = slice(*shard_range(args.batch, world, rank))
-    times, sent = [], []
+    times, cpus, sent = [], [], []
     for i in range(args.warmup + args.calls):
         x = h[rows].clone().requires_grad_(True)
         dist.barrier()
-        w0, t0 = _wchar(), time.perf_counter()
+        w0, c0, t0 = _wchar(), time.process_time(), time.perf_counter()
         pen = reg(x, y[rows])
         pen.backward()
-        t1, w1 = time.perf_counter(), _wchar()
+        t1, c1, w1 = time.perf_counter(), time.process_time(), _wchar()
         if i >= args.warmup:
             times.append(t1 - t0)
+            cpus.append(c1 - c0)
             sent.append(w1 - w0)
     critic = sum(p.numel() * p.element_size() * 2 for p in reg.parameters())  # values and gradients
     critic += sum(b.numel() * b.element_size() for b in reg.buffers())
@@ -81,6 +84,7 @@ def _worker(rank, world, port, args, out_dir):
            "work_pairs": pairs, "critic_MB": critic / 2**20,
            "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "build_s": build_s, "call_s": statistics.median(times), "call_s_all": times,
+           "cpu_s": statistics.median(cpus), "cpu_s_all": cpus,
            "sent_MB": statistics.median(sent) / 2**20,
            "derived_MB": 2 * (world - 1) * (rows.stop - rows.start) * args.m * 4 / 2**20,
            "loadavg": os.getloadavg()}
@@ -119,11 +123,11 @@ def main() -> None:
                     rows.append(json.load(f))
     print(f"m={args.m} ({args.m * (args.m - 1) // 2} pairs), K={args.hidden}, global batch {args.batch}, "
           f"terms {args.terms}, gloo on 127.0.0.1, 1 thread per rank, {os.cpu_count()} cores")
-    print(f"{'W':>2} {'rank':>4} {'pairs/rank':>10} {'critic MB':>9} {'peak RSS MB':>11} {'call s':>7} "
+    print(f"{'W':>2} {'rank':>4} {'pairs/rank':>10} {'critic MB':>9} {'peak RSS MB':>11} {'call s':>7} {'CPU s':>6} "
           f"{'sent MB':>8} {'derived MB':>10} {'load':>5}")
     for r in rows:
         print(f"{r['world']:>2} {r['rank']:>4} {r['work_pairs']:>10} {r['critic_MB']:>9.1f} {r['peak_rss_MB']:>11.0f} "
-              f"{r['call_s']:>7.2f} {r['sent_MB']:>8.3f} {r['derived_MB']:>10.3f} {r['loadavg'][0]:>5.1f}")
+              f"{r['call_s']:>7.2f} {r['cpu_s']:>6.2f} {r['sent_MB']:>8.3f} {r['derived_MB']:>10.3f} {r['loadavg'][0]:>5.1f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
