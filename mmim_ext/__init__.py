@@ -20,6 +20,7 @@ from mmim_ext.estimators import (
     estimate_total_correlation,
     make_perms,
 )
+from mmim_ext.estimators.sharding import load_sharded_state_dict, sharded_state_dict
 from mmim_ext.infoplane import InfoPlaneRecorder, binned_mi, kde_mi
 from mmim_ext.layers import GaussianLinear, ResidualBlock
 from mmim_ext.ops import (
@@ -60,12 +61,14 @@ __all__ = sorted([
     "fused_available",
     "kde_lse",
     "kde_mi",
+    "load_sharded_state_dict",
     "make_perms",
     "make_regularizer",
     "num_pairs",
     "pair_stats",
     "pair_stats_linear",
     "pair_stats_reference",
+    "sharded_state_dict",
     "train_c3",
     "train_classifier",
     "train_mmim",

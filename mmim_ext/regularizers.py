@@ -52,6 +52,7 @@ from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
 from mmim_ext.estimators import BOUNDS, NEGATIVES, PairwiseMINE, TotalCorrelationMINE, UnitLabelMINE, critic_adam
+from mmim_ext.estimators.sharding import broadcast_generator_, gather_batch
 
 __all__ = ["MMIMRegularizer", "REGULARIZERS", "make_regularizer"]
 
@@ -91,6 +92,19 @@ class MMIMRegularizer(nn.Module):
             generators (negatives: ``seed + 1`` for C4, ``seed + 2`` for C5); ``None`` draws them
             from PyTorch's global generator.
         backend: forwarded to :func:`mmim_ext.pair_stats`.
+        process_group: a ``torch.distributed`` group over which the critics are sharded (pairs
+            of C4 and C5, units of C6; ``mode="pairwise"`` only). Each rank passes its own part of
+            the data-parallel batch; the features are gathered once per call (with gradient),
+            each rank trains only its block of critics with its own optimizer, and the penalty
+            is the sum over ranks, the same value on every rank. Keep the regularizer outside
+            ``DistributedDataParallel`` (its critics differ by rank). See
+            :mod:`mmim_ext.estimators.sharding` and docs/distributed.md.
+        grad_average: with ``process_group``, whether the model's gradients are averaged over the
+            group (``DistributedDataParallel`` divides the summed gradients by the world size
+            ``W``). ``True``: the penalty's gradient into each rank's features is ``W`` times the
+            single-process gradient on the global batch, so that after DDP's averaging the model
+            moves as the single-process model on the global batch does. ``False``: the features
+            receive exactly the single-process gradient (for summed gradients, or no DDP).
 
     C5's critics see the label (``num_classes``: class-specific pairwise critics, or a joint
     critic on ``[h, onehot(y)]`` in ``"total"`` mode); see :class:`mmim_ext.PairwiseMINE` for
@@ -105,7 +119,8 @@ class MMIMRegularizer(nn.Module):
                  mode: str = "pairwise", hidden: int = 16, tc_hidden: int = 64, tc_layers: int = 2,
                  critic_lr: float = 1e-3, critic_steps: int = 1, estimator: str = "mine",
                  negatives: str = "shuffle", num_negatives: int = 1, max_pairs: int | None = None,
-                 ema: float = 0.01, smile_clip: float = 5.0, seed: int | None = None, backend: str = "auto"):
+                 ema: float = 0.01, smile_clip: float = 5.0, seed: int | None = None, backend: str = "auto",
+                 process_group=None, grad_average: bool = True):
         super().__init__()
         owner = "MMIMRegularizer"
         check_positive_int(owner, "num_units", num_units, 2)
@@ -123,6 +138,14 @@ class MMIMRegularizer(nn.Module):
             raise ValueError(f"{owner}: argument 'critic_lr' must be > 0, got {critic_lr!r}")
         if max_pairs is not None:
             check_positive_int(owner, "max_pairs", max_pairs)
+        if process_group is not None and mode != "pairwise":
+            raise ValueError(f"{owner}: argument 'process_group' needs mode='pairwise' (the joint critic of "
+                             f"mode={mode!r} has no pairs to shard)")
+        self.process_group = process_group
+        self.grad_average = bool(grad_average)
+        self._gathered = False
+        # The critics gather nothing: forward gathers the batch once for every term.
+        shard_kw = {} if process_group is None else {"process_group": process_group, "gather_batch": False}
         self.num_units, self.num_classes = num_units, num_classes
         self.weights = {"c4": float(c4), "c5": float(c5), "c6": float(c6)}
         self.mode = mode
@@ -137,7 +160,7 @@ class MMIMRegularizer(nn.Module):
             if mode == "pairwise":
                 return PairwiseMINE(num_units, hidden=hidden, estimator=estimator, negatives=negatives,
                                     num_negatives=num_negatives, ema=ema, smile_clip=smile_clip,
-                                    num_classes=classes, seed=sub_seed, backend=backend)
+                                    num_classes=classes, seed=sub_seed, backend=backend, **shard_kw)
             return TotalCorrelationMINE(num_units, hidden=tc_hidden, layers=tc_layers, estimator=estimator,
                                         num_negatives=num_negatives, ema=ema, smile_clip=smile_clip,
                                         num_classes=classes, seed=sub_seed)
@@ -148,10 +171,12 @@ class MMIMRegularizer(nn.Module):
         self.c4_critic = redundancy(False, 1) if c4 != 0 else None
         self.c5_critic = redundancy(True, 2) if c5 != 0 else None
         self.c6_critic = (UnitLabelMINE(num_units, num_classes, hidden=hidden, estimator=estimator, ema=ema,
-                                        smile_clip=smile_clip) if c6 != 0 else None)
+                                        smile_clip=smile_clip, **shard_kw) if c6 != 0 else None)
         self.critic_optimizer = critic_adam(self.parameters(), critic_lr)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else seed)
+        if process_group is not None:
+            broadcast_generator_(process_group, self.generator)  # the same pair subsets on every rank
         self.terms: dict[str, float] = {}
 
     def get_extra_state(self):
@@ -182,6 +207,20 @@ class MMIMRegularizer(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Critic updates (training mode), then the penalty (scalar tensor, nats)."""
         owner = "MMIMRegularizer"
+        if self.process_group is not None and not self._gathered:
+            # One gather for every term (the checks compare every rank's shapes first).
+            features, labels = gather_batch(owner, self.process_group, features, labels, width=self.num_units,
+                                            name="features")
+            self._gathered = True
+            try:
+                penalty = self.forward(features, labels)
+            finally:
+                self._gathered = False
+            if self.grad_average:
+                # DDP divides the summed gradients by W: scale the penalty's gradient (not its value) by W.
+                world = torch.distributed.get_world_size(self.process_group)
+                penalty = penalty.detach() + world * (penalty - penalty.detach())
+            return penalty
         check_features(owner, "features", features, self.num_units)
         if not bool(torch.isfinite(features.detach()).all()):
             raise ValueError(f"{owner}: argument 'features' contains NaN or infinite values")

@@ -10,7 +10,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(REPO, "mmim_ext")
 
 # Rank of every top-level part of the package; a module may import only parts of lower rank, or
-# modules of its own part (a package's modules import each other).
+# modules of its own part (a package's modules import each other). The torch.distributed helpers
+# live in estimators/sharding.py (rank 2): the estimators and the regularizers both need them.
 RANK = {
     "_checks": 0,
     "_extension": 0,
@@ -22,7 +23,6 @@ RANK = {
     "training": 4,
     "infoplane": 4,
     "diagnostics": 4,
-    "distributed": 4,
     "experiments": 5,
 }
 # Package-private modules whose names every layer may use.

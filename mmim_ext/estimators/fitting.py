@@ -162,7 +162,7 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 16, estima
                          batch_size: int = 500, lr: float = 5e-3, max_epochs: int = 300,
                          patience: int = 15, min_delta: float = 1e-3, val_fraction: float = 0.2,
                          val_negatives: int = 256, seed: int | None = 0, progress: bool = False,
-                         backend: str = "auto", return_module: bool = False):
+                         backend: str = "auto", return_module: bool = False, process_group=None):
     """Pairwise mutual information ``I(h_i; h_j)`` (or ``I(h_i; h_j | Y)`` with ``labels``) in nats.
 
     Args:
@@ -179,6 +179,9 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 16, estima
         seed: seed of the split, the minibatches and the critic initialization (``None``: no seeding).
         progress: show a tqdm bar over epochs.
         return_module: also return the trained :class:`PairwiseMINE`.
+        process_group: a ``torch.distributed`` group that shares the work by pairs: every rank
+            passes the same ``h`` (and ``labels``, and an int ``seed``) and trains the critics of
+            its block of pairs (see :class:`PairwiseMINE`); every rank returns the whole matrix.
 
     Returns:
         ``[m, m]`` float32 tensor, symmetric, zero diagonal: the best validation bound per pair
@@ -187,17 +190,23 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 16, estima
     owner = "estimate_pairwise_mi"
     check_choice(owner, "negatives", negatives, NEGATIVES)
     check_positive_int(owner, "val_negatives", val_negatives)
+    if process_group is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"{owner}: argument 'seed' must be an int when 'process_group' is given (every rank "
+                         f"draws the same split and minibatches from it), got {seed!r}")
     h_tr, h_va, y_tr, y_va, gen = _prepare_units(owner, h, labels, estimator, batch_size, val_fraction,
                                                  max_epochs, patience, lr, seed)
     m = h_tr.shape[1]
+    shard_kw = {} if process_group is None else {"process_group": process_group, "gather_batch": False}
     mod = PairwiseMINE(m, hidden=hidden, per_pair=per_pair, pairs=pairs, estimator=estimator,
-                       negatives=negatives, num_negatives=num_negatives, backend=backend)
+                       negatives=negatives, num_negatives=num_negatives, backend=backend, **shard_kw)
 
     def evaluate():
         return mod.evaluate(h_va, y_va, negatives="shift", num_negatives=val_negatives)
 
     best = _train_critics(mod, (h_tr, y_tr), evaluate, lr, batch_size, max_epochs, patience, min_delta, gen,
                           progress, owner)
+    if mod.shard is not None:  # evaluate() gave every pair's bound; the module records its own block
+        best = best[mod.shard.lo:mod.shard.hi]
     mod.last.copy_(best.to(mod.last.dtype))
     out = mod.matrix().float()
     return (out, mod) if return_module else out

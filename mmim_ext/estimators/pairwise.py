@@ -12,6 +12,7 @@ from mmim_ext._checks import check_choice, check_features, check_labels, check_p
 from mmim_ext.estimators.base import MIEstimator, check_coef, check_finite
 from mmim_ext.estimators.bounds import BOUNDS, LogEMA, bound_from_scores, log_mean_exp, mine_loss, nwj_bound, standardize
 from mmim_ext.estimators.negatives import NEGATIVES, make_perms
+from mmim_ext.estimators.sharding import Shard, broadcast_generator_
 from mmim_ext.ops import all_pairs, one_pass_applies, pair_stats, pair_stats_linear, pair_stats_mine_loss
 
 __all__ = ["PairwiseMINE"]
@@ -62,6 +63,16 @@ class PairwiseMINE(MIEstimator):
         seed: seed of the module's own generator for negatives (``None``: drawn from PyTorch's
             global generator); its state is saved in ``state_dict()``.
         backend: forwarded to :func:`mmim_ext.pair_stats`.
+        process_group: a ``torch.distributed`` group over which the pairs are sharded: this rank
+            keeps a contiguous block of them (``self.shard``) with their critics and moving
+            averages (see :mod:`mmim_ext.estimators.sharding`). Every call is then collective, on
+            the global batch, with the negatives of rank 0's generator; ``critic_loss`` returns
+            the block's estimates and loss, ``penalty`` the block's estimates and the value summed
+            over ranks, ``evaluate`` every pair's estimate and :meth:`matrix` the whole matrix on
+            every rank. ``pair_index`` holds global pair indices.
+        gather_batch: with ``process_group``, whether each rank passes its own part of the batch
+            (gathered here) or every rank the same global batch (``False``; a caller that
+            gathered it, e.g. :class:`mmim_ext.MMIMRegularizer`).
 
     Entry points (see :mod:`mmim_ext.estimators.base`; the module picks the kernel):
     ``critic_loss(h, labels=None, pair_index=None) -> (estimates, loss)``,
@@ -77,7 +88,8 @@ class PairwiseMINE(MIEstimator):
     def __init__(self, num_units: int, hidden: int = 16, per_pair: bool = True, pairs=None,
                  estimator: str = "mine", negatives: str = "shuffle", num_negatives: int = 1,
                  ema: float = 0.01, smile_clip: float = 5.0, standardize: bool = True, *,
-                 num_classes: int | None = None, seed: int | None = None, backend: str = "auto"):
+                 num_classes: int | None = None, seed: int | None = None, backend: str = "auto",
+                 process_group=None, gather_batch: bool = True):
         super().__init__()
         owner = "PairwiseMINE"
         check_positive_int(owner, "num_units", num_units, 2)
@@ -128,6 +140,18 @@ class PairwiseMINE(MIEstimator):
         self._ema = LogEMA((*lead, P), ema) if estimator == "mine" else None
         self.register_buffer("last", torch.zeros(P))
         self._init_random(owner, seed)  # after the critics: their initialization is unchanged
+        self.shard = None
+        if process_group is not None:
+            if not per_pair:
+                raise ValueError(f"{owner}: argument 'process_group' needs per_pair=True (a shared critic has no pairs to shard)")
+            # Built whole, then cut: a rank's critics start as the same pairs' critics of the
+            # module built without a group from the same seed.
+            self.shard = Shard(owner, process_group, P, gather_batch=gather_batch)
+            names = {"wa": -2, "wb": -2, "b": -2, "v": -2, "c": -1, "pairs": 0, "last": 0}
+            if self._ema is not None:
+                names.update({"_ema.log_acc": -1, "_ema.count": -1})
+            self.shard.cut_(self, names)
+            broadcast_generator_(self.shard.group, self.generator)  # the same negatives on every rank
 
     @property
     def num_pairs(self) -> int:
@@ -233,6 +257,8 @@ class PairwiseMINE(MIEstimator):
         the loss is linear in the statistics) and the estimates come back without gradient;
         elsewhere ``pair_stats`` and autograd.
         """
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.critic_loss, h, labels, pair_index, out="local", width=self.num_units)
         owner = "PairwiseMINE.critic_loss"
         h, pairs = self._prepare(h, labels, pair_index, owner)
         params = self._class_params()
@@ -296,6 +322,8 @@ class PairwiseMINE(MIEstimator):
         """
         owner = "PairwiseMINE.penalty"
         coef = check_coef(owner, coef)
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.penalty, h, labels, pair_index, out="penalty", width=self.num_units, coef=coef)
         if self.estimator != "mine":
             est = self._frozen(h, labels, pair_index, owner=owner)
             return est.detach(), coef * est.sum()
@@ -312,6 +340,8 @@ class PairwiseMINE(MIEstimator):
 
     def _frozen(self, h, labels=None, pair_index=None, *, owner="PairwiseMINE.forward"):
         """Estimates through detached critics, differentiable w.r.t. ``h`` (the general path)."""
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self._frozen, h, labels, pair_index, out="local", width=self.num_units, owner=owner)
         h, pairs = self._prepare(h, labels, pair_index, owner)
         params = self._class_params(detach=True)
         est = 0.0
@@ -334,8 +364,12 @@ class PairwiseMINE(MIEstimator):
         ``"shift"`` ``num_negatives`` shifts. The shifts are processed in chunks of at most
         ``max_evals`` critic evaluations per call of the op and merged by log-sum-exp, so memory
         stays bounded for large validation sets. ``seed`` seeds the shifts (``None``: drawn from
-        the module's own generator). Updates :meth:`matrix`.
+        the module's own generator). Updates :meth:`matrix`. With ``process_group``: every pair's
+        bound, on every rank.
         """
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.evaluate, h, labels, out="gather", width=self.num_units, negatives=negatives,
+                                  num_negatives=num_negatives, max_evals=max_evals, seed=seed)
         owner = "PairwiseMINE.evaluate"
         check_choice(owner, "negatives", negatives, NEGATIVES)
         check_positive_int(owner, "num_negatives", num_negatives)
@@ -395,9 +429,13 @@ class PairwiseMINE(MIEstimator):
 
     def matrix(self) -> torch.Tensor:
         """Latest estimates as a symmetric ``[m, m]`` matrix (nats, zero diagonal and zero for
-        pairs the module does not estimate)."""
+        pairs the module does not estimate). With ``process_group``: every rank's pairs, on every
+        rank (a collective call)."""
         m = self.num_units
-        out = torch.zeros(m, m, dtype=self.last.dtype, device=self.last.device)
-        out[self.pairs[:, 0], self.pairs[:, 1]] = self.last
-        out[self.pairs[:, 1], self.pairs[:, 0]] = self.last
+        pairs, last = self.pairs, self.last
+        if self.shard is not None:
+            pairs, last = self.shard.gather(pairs), self.shard.gather(last)
+        out = torch.zeros(m, m, dtype=last.dtype, device=last.device)
+        out[pairs[:, 0], pairs[:, 1]] = last
+        out[pairs[:, 1], pairs[:, 0]] = last
         return out

@@ -11,6 +11,7 @@ from torch import nn
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
 from mmim_ext.estimators.base import MIEstimator, check_coef, check_finite
 from mmim_ext.estimators.bounds import BOUNDS, LogEMA, mine_loss, nwj_bound, standardize
+from mmim_ext.estimators.sharding import Shard
 from mmim_ext.ops import label_critic_scores
 
 __all__ = ["UnitLabelMINE"]
@@ -29,10 +30,19 @@ class UnitLabelMINE(MIEstimator):
     ``penalty(h, labels, *, coef=1.0)``, ``evaluate(h, labels)`` and ``forward``, with ``h``
     ``[B, m]`` float and ``labels`` ``[B]`` int64 in ``[0, num_classes)``; estimates are ``[m]``
     in nats, losses and penalty values sums over units.
+
+    With ``process_group`` (a ``torch.distributed`` group) the units are sharded: this rank keeps
+    the critics of a contiguous block of them (``self.shard``; ``num_units`` is then the block's
+    size and ``total_units`` the layer's width) and every call is collective on the global batch
+    (each rank passes its part, or with ``gather_batch=False`` every rank the same global batch).
+    ``critic_loss`` returns the block's estimates and loss, ``penalty`` the block's estimates and
+    the value summed over ranks, ``evaluate`` every unit's estimate; see
+    :mod:`mmim_ext.estimators.sharding`.
     """
 
     def __init__(self, num_units: int, num_classes: int, hidden: int = 16, estimator: str = "mine",
-                 ema: float = 0.01, smile_clip: float = 5.0, standardize: bool = True):
+                 ema: float = 0.01, smile_clip: float = 5.0, standardize: bool = True, *, process_group=None,
+                 gather_batch: bool = True):
         super().__init__()
         owner = "UnitLabelMINE"
         check_positive_int(owner, "num_units", num_units)
@@ -52,6 +62,14 @@ class UnitLabelMINE(MIEstimator):
         self.c = nn.Parameter(torch.full((num_units,), 1.0 if estimator == "nwj" else 0.0))
         self._ema = LogEMA(num_units, ema) if estimator == "mine" else None
         self.register_buffer("last", torch.zeros(num_units))
+        self.total_units = num_units
+        self.shard = None
+        if process_group is not None:
+            # Built whole, then cut: a rank's critics start as the same units' critics without a group.
+            self.shard = Shard(owner, process_group, num_units, gather_batch=gather_batch, what="units")
+            names = ["emb", "w", "b", "v", "c", "last"] + (["_ema.log_acc", "_ema.count"] if self._ema else [])
+            self.shard.cut_(self, {n: 0 for n in names})
+            self.num_units = self.shard.size
 
     def _scores(self, h, labels, detach=False):
         """Joint scores ``[B, m]`` and scores for every class ``[B, m, C]``."""
@@ -84,6 +102,8 @@ class UnitLabelMINE(MIEstimator):
     def critic_loss(self, h: torch.Tensor, labels: torch.Tensor):
         """A critic update: ``(estimates [m], loss)``; ``loss`` (0-d) is the sum over units of the
         negative bounds (MINE's moving-average gradient in training mode)."""
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.critic_loss, h, labels, out="local", width=self.total_units)
         h = self._prepare(h, labels, "UnitLabelMINE.critic_loss")
         joint, scores = self._scores(h, labels)
         t_joint = joint.mean(0)
@@ -108,10 +128,14 @@ class UnitLabelMINE(MIEstimator):
         """``(estimates [m] without gradient, coef * estimates.sum())`` through the frozen
         critics; the value (0-d) is differentiable w.r.t. ``h`` only."""
         coef = check_coef("UnitLabelMINE.penalty", coef)
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.penalty, h, labels, out="penalty", width=self.total_units, coef=coef)
         est = self._frozen(h, labels, owner="UnitLabelMINE.penalty")
         return est.detach(), coef * est.sum()
 
     def _frozen(self, h, labels, *, owner="UnitLabelMINE.forward"):
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self._frozen, h, labels, out="local", width=self.total_units, owner=owner)
         h = self._prepare(h, labels, owner)
         joint, scores = self._scores(h, labels, detach=True)
         clip = self.smile_clip if self.estimator == "smile" else math.inf
@@ -124,7 +148,10 @@ class UnitLabelMINE(MIEstimator):
     @torch.no_grad()
     def evaluate(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Bound per unit (nats, ``[m]``) on held-out data: no training, no gradient. The label
-        marginal is integrated exactly, so there is no negative sampling to vary."""
+        marginal is integrated exactly, so there is no negative sampling to vary. With
+        ``process_group``: every unit's, on every rank."""
+        if self.shard is not None and not self.shard.inside:
+            return self.shard.run(self.evaluate, h, labels, out="gather", width=self.total_units)
         return self._frozen(h, labels, owner="UnitLabelMINE.evaluate")
 
     @torch.no_grad()
