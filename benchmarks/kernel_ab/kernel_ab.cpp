@@ -181,7 +181,7 @@ int main(int argc, char** argv) {
   // Per thread: the forward's chunk scratch, the backward's sample weights and gradient buffers
   // (hT and hP rows; a shared critic's [4][K]).
   const int64_t T = o.threads;
-  const int64_t gbuf_per = o.need_h ? (1 + R) * m * Bp : 0, wm_per = (R + 2) * Bp;
+  const int64_t gbuf_per = o.need_h ? (1 + R) * m * Bp : 0, wm_per = (R + 3) * Bp;
   AVec<float> fsc(T * (1 + R) * kChunkSamples);
   Side side[2];
   for (Side& s : side) {
@@ -197,6 +197,7 @@ int main(int argc, char** argv) {
     sc.wm = s.wm.data() + th * wm_per;
     sc.wj = sc.wm + R * Bp;
     sc.dsum = sc.wj + Bp;
+    sc.gdiag = sc.dsum + Bp;
     sc.gh = o.need_h ? s.gbuf.data() + th * gbuf_per : nullptr;
     sc.gP = o.need_h ? sc.gh + m * Bp : nullptr;
     sc.gshared = s.gshared.data() + th * 4 * K;

@@ -57,6 +57,9 @@ struct BwdScratch {
   T* wm;       // [R][Bp] weights of the shuffled samples, exp(T - lme) grad_lme / (R B)
   T* wj;       // [Bp] weights of the joint samples, grad_t / B; both zero in the padding
   T* dsum;     // [Bp] per-sample sum over sources of a hidden unit's gates w [x > 0]
+  T* gdiag;    // [Bp] a pair (i, i)'s joint second-argument gradient, added to gh row i after the
+               // pair: the unit loops write the first and second argument's rows in one pass, so
+               // the two must be different memory
   T* gh;       // [m][Bp] this thread's gradient w.r.t. hT
   T* gP;       // [R][m][Bp] this thread's gradient w.r.t. hP
   T* gshared;  // [4][K] this thread's gradient of a shared critic (wa, wb, bias, v)

@@ -1059,8 +1059,13 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     const ScoreForm<T>* form = first_layer.form(p);
     src[0] = g.hT + j * Bp;
     for (int64_t r = 0; r < R; ++r) src[1 + r] = g.hP + (r * g.m + j) * Bp;
+    // A pair (i, i): the joint samples' second-argument gradient goes to gdiag, not to gh row i,
+    // which is also the first argument's row ga_row (the unit loops load both rows before they
+    // store both, and declare them __restrict); added to it after the unit loops.
+    const bool diag = kH && i == j;
     if constexpr (kH) {
-      gsrc[0] = s.gh + j * Bp;
+      gsrc[0] = diag ? s.gdiag : s.gh + j * Bp;
+      if (diag) std::fill(s.gdiag, s.gdiag + Bp, T(0));
       for (int64_t r = 0; r < R; ++r) gsrc[1 + r] = s.gP + (r * g.m + j) * Bp;
     }
 
@@ -1162,6 +1167,8 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
         }
       }
     }
+    if (diag)
+      for (int64_t n = 0; n < Bp; ++n) ga_row[n] += s.gdiag[n];
     if constexpr (!kP) return;
     detail::lane_sums(accv.data(), (joint_in_units ? 4 : 3) * K, sums.data());
     if (joint_in_units) {

@@ -358,11 +358,12 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
     T* gbp = need_params ? gb.data_ptr<T>() : nullptr;
     T* gvp = need_params ? gv.data_ptr<T>() : nullptr;
     for_each_part(s.P, nparts, [&](int64_t q, int64_t begin, int64_t end) {
-      std::vector<T> scratch(static_cast<size_t>((R + 2) * Bp));
+      std::vector<T> scratch(static_cast<size_t>((R + 3) * Bp));
       BwdScratch<T> sc;
       sc.wm = scratch.data();
       sc.wj = sc.wm + R * Bp;
       sc.dsum = sc.wj + Bp;
+      sc.gdiag = sc.dsum + Bp;
       sc.gh = need_h ? gbuf_all + q * per_part : nullptr;
       sc.gP = need_h ? sc.gh + m * Bp : nullptr;
       sc.gshared = gs_all + q * 4 * K;
