@@ -46,6 +46,10 @@ struct PairStatsCpuArgs {
   const T* ema = nullptr;
   T ema_log_a = T(0);
   T* ema_ratio = nullptr;
+  // The backward and the one pass with per-pair critics' gradients: nullptr, or [P] the gradient
+  // of c (formed by the driver), set to NaN for a pair whose critic has a non-finite parameter
+  // (as every other gradient of that pair; see backward_pairs).
+  T* gc = nullptr;
   // The largest |h| of the call (the driver rejects non-finite h): the threshold form of the
   // scores (pair_stats_cpu_impl.h, ScoreForm) is used only for critics whose terms stay bounded
   // for arguments this large. Infinity (the default) or NaN leaves every critic on the direct form.

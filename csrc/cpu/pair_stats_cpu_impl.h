@@ -126,11 +126,12 @@ struct Vec {
       return from_raw(math::max_zero(a.x));
     } else {
 #ifdef MMIM_VEC_AVX2
-      // One vmaxps/vmaxpd; same result as the select below (x > 0 ? x : 0, NaN -> 0).
-      if constexpr (sizeof(T) == 4) return from_raw(__builtin_ia32_maxps256(a.x, raw{}));
-      else return from_raw(__builtin_ia32_maxpd256(a.x, raw{}));
+      // One vmaxps/vmaxpd: max(0, x) returns its second operand where either is NaN, so NaN is
+      // kept as in math::max_zero (only -0 differs: -0 here, +0 there; v relu(x) sums alike).
+      if constexpr (sizeof(T) == 4) return from_raw(__builtin_ia32_maxps256(raw{}, a.x));
+      else return from_raw(__builtin_ia32_maxpd256(raw{}, a.x));
 #else
-      return from_raw(a.x > raw{} ? a.x : raw{});
+      return from_raw(a.x <= raw{} ? raw{} : a.x);  // NaN kept, as math::max_zero
 #endif
     }
   }
@@ -650,6 +651,21 @@ inline T range_sum(const T* x, int64_t n) {
   return s;
 }
 
+// Whether the critic (wa, wb, bias, v: [K]; c) has finite parameters only. x * 0 is 0 for finite
+// x and NaN for NaN or infinity, so one comparison of the products' sum tests them all.
+template <typename T>
+inline bool critic_finite(const T* wa, const T* wb, const T* bias, const T* v, int64_t K, T c) {
+  using V = Vec<T>;
+  const V zero = V::zero();
+  V acc = zero;
+  int64_t k = 0;
+  for (; k + V::L <= K; k += V::L)
+    acc += ((V::load(wa + k) * zero + V::load(wb + k) * zero) + (V::load(bias + k) * zero + V::load(v + k) * zero));
+  T sum = acc.sum() + c * T(0);
+  for (; k < K; ++k) sum += (wa[k] * T(0) + wb[k] * T(0)) + (bias[k] * T(0) + v[k] * T(0));
+  return sum == T(0);
+}
+
 // Log-sum-exp state of x[0..n), n >= 1: the maximum, then the sum of exp(x - max). kKeep: also
 // leave exp(x[t] - max) in x[t] (t < n), for weights formed from them (x is written then).
 template <typename T, bool kKeep = false>
@@ -1049,6 +1065,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     return sum;
   };
   FirstLayerCache<T> first_layer(g, end);
+  const bool shared_finite = shared && critic_finite(g.wa, g.wb, g.bias, g.v, K, g.c[0]);
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
     const T* wb = g.wb + p * g.pstride;
@@ -1068,6 +1085,30 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
       if (diag) std::fill(s.gdiag, s.gdiag + Bp, T(0));
       for (int64_t r = 0; r < R; ++r) gsrc[1 + r] = s.gP + (r * g.m + j) * Bp;
     }
+    // A critic with a non-finite parameter (NaN or infinity): its statistics come from the scores
+    // as the reference's arithmetic forms them (no score form, which score_form makes for finite
+    // critics only; max_zero keeps NaN), and every gradient the pair contributes to is NaN: the
+    // critic's (its rows, or all of a shared critic's; c's through g.gc or the moving-average
+    // factor) and h's columns i and j. The reference's gradients through such scores are NaN
+    // too, except where a ReLU's zero gate happens to cut a NaN off.
+    const bool finite = shared ? shared_finite : critic_finite(wa, wb, bias, v, K, cp);
+    const auto poison = [&] {
+      const T nan = std::numeric_limits<T>::quiet_NaN();
+      if constexpr (kH) {
+        std::fill(s.gh + i * Bp, s.gh + i * Bp + g.B, nan);
+        std::fill(s.gh + j * Bp, s.gh + j * Bp + g.B, nan);
+      }
+      if constexpr (kP) {
+        if (shared) {
+          std::fill(s.gshared, s.gshared + 4 * K, nan);
+        } else {
+          for (T* row : {gwa, gwb, gbias, gv}) std::fill(row + p * K, row + (p + 1) * K, nan);
+          if (g.gc != nullptr) g.gc[p] = nan;
+        }
+      }
+      if (values && g.ema != nullptr) g.ema_ratio[p] = nan;
+    };
+    if (!finite && !values) return poison();
 
     // Sample weights: joint grad_t / B (one value, unless the padding needs zeros); shuffled
     // grad_lme exp(T - lme) / (R B), recomputing the scores instead of having stored them.
@@ -1083,7 +1124,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     // joint samples (unit_pass's kJ); t_joint is formed from those sums after it.
     // r1_form: units_backward_r1_form's case (below); joint_in_units: that case in the one pass.
     bool r1_form = false;
-    if constexpr (kThresholdGates<T> && kP) r1_form = nsrc == 2 && form != nullptr && wts[0] == nullptr;
+    if constexpr (kThresholdGates<T> && kP) r1_form = finite && nsrc == 2 && form != nullptr && wts[0] == nullptr;
     const bool joint_in_units = values && r1_form;
     {
       using V = detail::Vec<T>;
@@ -1128,6 +1169,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
       for (int64_t r = 0; r < R; ++r)  // the padding samples weigh nothing
         for (int64_t n = g.B; n < Bp; ++n) s.wm[r * Bp + n] = T(0);
     }
+    if (!finite) return poison();
 
     T* const ga_row = kH ? s.gh + i * Bp : nullptr;
     // R = 1 with the argument gradients only (a penalty through frozen critics): the units two at a

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -357,6 +358,9 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
     T* gwbp = need_params ? gwb.data_ptr<T>() : nullptr;
     T* gbp = need_params ? gb.data_ptr<T>() : nullptr;
     T* gvp = need_params ? gv.data_ptr<T>() : nullptr;
+    // A per-pair critic's c gradient, for the pairs with a non-finite critic (set to NaN there);
+    // with the moving-average rule it is formed after the pass, from ema_ratio.
+    if (need_params && !s.shared && ema == nullptr) g.gc = gc.data_ptr<T>();
     for_each_part(s.P, nparts, [&](int64_t q, int64_t begin, int64_t end) {
       std::vector<T> scratch(static_cast<size_t>((R + 3) * Bp));
       BwdScratch<T> sc;
@@ -406,6 +410,13 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
     // d lme / d c = 1, times lme's upstream gradient with the pass's factor of the rule.
     const at::Tensor glr = gl_c.mul(ema_ratio);
     gc = s.shared ? gt_c.sum().add(glr.sum()) : gt_c.add(glr);
+  }
+  // A shared critic with a non-finite parameter: every pair's gradients are NaN (backward_pairs),
+  // c's too. (Per-pair critics' c gradients: g.gc or ema_ratio, in the pass.)
+  if (need_params && s.shared) {
+    bool finite = true;
+    for (const at::Tensor* t : {&st.wa, &st.wb, &st.b, &st.v, &st.c}) finite = finite && t->isfinite().all().item<bool>();
+    if (!finite) gc.fill_(std::numeric_limits<double>::quiet_NaN());
   }
   return {grad_h, gwa, gwb, gb, gv, gc};
 }
