@@ -30,7 +30,6 @@ struct PairStatsCpuArgs {
   const T* hT;            // [m][Bp] h transposed, zero padded
   const T* hP;            // [R][m][Bp] second arguments of the shuffled samples:
                           // hP[r][u][n] = hT[u][perms[r][n]], zero padded
-  const int64_t* perms;   // [R][B]
   const int64_t* pairs;   // [P][2] or nullptr for all i < j, row-major
   const T* wa;            // [P][K] or [K]
   const T* wb;
@@ -51,7 +50,7 @@ struct PairStatsCpuArgs {
   // (as every other gradient of that pair; see backward_pairs).
   T* gc = nullptr;
   // The largest |h| of the call (the driver rejects non-finite h): the threshold form of the
-  // scores (pair_stats_cpu_impl.h, ScoreForm) is used only for critics whose terms stay bounded
+  // scores (pair_stats_cpu_score.h, ScoreForm) is used only for critics whose terms stay bounded
   // for arguments this large. Infinity (the default) or NaN leaves every critic on the direct form.
   T hmax = std::numeric_limits<T>::infinity();
 };

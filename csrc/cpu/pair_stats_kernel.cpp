@@ -206,7 +206,6 @@ PairStatsCpuArgs<T> make_args(const Staged& st) {
   PairStatsCpuArgs<T> g;
   g.hT = st.hT.data_ptr<T>();
   g.hP = st.hP.data_ptr<T>();
-  g.perms = st.perms.data_ptr<int64_t>();
   g.pairs = st.s.all_pairs ? nullptr : st.pairs.data_ptr<int64_t>();
   g.wa = st.wa.data_ptr<T>();
   g.wb = st.wb.data_ptr<T>();
