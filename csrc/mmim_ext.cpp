@@ -14,7 +14,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(mmim_ext, m) {
-  // Pairwise critic statistics (DESIGN.md §2). pairs = None means all i < j in row-major order.
+  // Pairwise critic statistics (docs/design.md §2). pairs = None means all i < j in row-major order.
   m.def(
       "pair_stats_fwd(Tensor h, Tensor wa, Tensor wb, Tensor b, Tensor v, Tensor c, Tensor perms, "
       "Tensor? pairs) -> (Tensor, Tensor)");
@@ -49,7 +49,7 @@ TORCH_LIBRARY(mmim_ext, m) {
   // its free blocks; [free bytes, free blocks, limit bytes, blocks reused, blocks allocated].
   m.def("empty_cpu_cache() -> ()");
   m.def("cpu_cache_info() -> int[]");
-  // Row-wise Gaussian-kernel log-sum-exp (KDE information bounds, DESIGN.md §5):
+  // Row-wise Gaussian-kernel log-sum-exp (KDE information bounds, docs/design.md §5):
   // out[n] = log sum_l exp(-scale * ||x_n - y_l||^2); the backward takes the forward's out.
   m.def("kde_lse(Tensor x, Tensor y, float scale) -> Tensor");
   m.def("kde_lse_bwd(Tensor grad_out, Tensor x, Tensor y, float scale, Tensor out) -> (Tensor, Tensor)");

@@ -39,9 +39,10 @@ MMIM_HD T critic_x(T wb, T b, T u) {
 
 // max(x, 0) and "y where x > 0, else 0" for scalars; the CPU kernel's SIMD type provides the
 // same two functions (found by argument-dependent lookup), so the critic below is written once
-// for scalars and vectors.
-MMIM_HD float max_zero(float x) { return x > 0.0f ? x : 0.0f; }
-MMIM_HD double max_zero(double x) { return x > 0.0 ? x : 0.0; }
+// for scalars and vectors. max_zero keeps NaN (NaN <= 0 is false), as torch.relu does: a
+// non-finite critic parameter must make the scores NaN, not 0.
+MMIM_HD float max_zero(float x) { return x <= 0.0f ? 0.0f : x; }
+MMIM_HD double max_zero(double x) { return x <= 0.0 ? 0.0 : x; }
 MMIM_HD float where_positive(float x, float y) { return x > 0.0f ? y : 0.0f; }
 MMIM_HD double where_positive(double x, double y) { return x > 0.0 ? y : 0.0; }
 // "y where a > b, else 0".

@@ -218,7 +218,7 @@ def test_h_gradient_only_two_unit_pass(B, K, shared):
 @requires_fused
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_threshold_score_form_per_pair_fallbacks(dtype):
-    # The AVX2 build scores a float32 critic in the threshold form (pair_stats_cpu_impl.h,
+    # The AVX2 build scores a float32 critic in the threshold form (pair_stats_cpu_score.h,
     # ScoreForm) when every unit's threshold is safe, else from x; per-pair critics get their
     # forms in blocks of 32 consecutive pairs. Over 120 pairs, so that block boundaries fall among
     # them: a third of the critics have a unit with wb = 0, some a subnormal wb (both: from x),

@@ -86,7 +86,7 @@ def test_gate_threshold_edge_weights(R, shared, dtype):
 def test_joint_statistic_summed_unit_by_unit(shared, hscale):
     # R = 1, float32, B a multiple of the tile: the CPU one pass does not score the joint samples
     # one by one; its unit loop sums each unit's max(b, t) over them and t_joint is formed from
-    # those sums (pair_stats_cpu_impl.h, joint_in_units). h from a ReLU with zero biases gives
+    # those sums (pair_stats_cpu_backward.h, joint_in_units). h from a ReLU with zero biases gives
     # exact ties b == t; a large h scale, large terms that cancel in the sum.
     h, wa, wb, b, v, c, perms, pairs = make_inputs(64, 7, 16, 1, shared=shared, dtype=torch.float32, seed=31)
     h = (h * hscale).relu()

@@ -10,7 +10,7 @@
 //
 // Built and run by benchmarks/kernel_ab/run.sh, which compiles kernel_ab_impl.cpp once per
 // header (namespaces impl_a and impl_b, in parallel) and links both with this file. Both
-// versions use the working tree's pair_stats_cpu.h and pair_stats_math.h, so only changes confined to pair_stats_cpu_impl.h can be compared. AVX2 + FMA build only (the one the
+// versions use the working tree's pair_stats_cpu.h and pair_stats_math.h, so only changes confined to the loops' headers (pair_stats_cpu_*.h) can be compared. AVX2 + FMA build only (the one the
 // kernel dispatches to on x86-64 CPUs that have them). One thread, or with --threads T that many,
 // each on a contiguous 1/T of the pairs with its own scratch and gradient buffers (as the
 // driver's parts), so that effects of the threads sharing L3 and memory show.
@@ -172,7 +172,7 @@ int main(int argc, char** argv) {
   for (auto& x : gt) x = nd(rng);
   for (auto& x : gl) x = nd(rng);
 
-  PairStatsCpuArgs<float> g{hT.data(), hP.data(), perms.data(), nullptr, wa.data(), wb.data(),
+  PairStatsCpuArgs<float> g{hT.data(), hP.data(), nullptr, wa.data(), wb.data(),
                             bias.data(), v.data(), c.data(), B, Bp, m, P, K, R,
                             o.shared ? 0 : K, o.shared ? 0 : 1};
   g.hmax = 0.0f;  // the largest |h|, as the driver sets it
@@ -181,7 +181,7 @@ int main(int argc, char** argv) {
   // Per thread: the forward's chunk scratch, the backward's sample weights and gradient buffers
   // (hT and hP rows; a shared critic's [4][K]).
   const int64_t T = o.threads;
-  const int64_t gbuf_per = o.need_h ? (1 + R) * m * Bp : 0, wm_per = (R + 2) * Bp;
+  const int64_t gbuf_per = o.need_h ? (1 + R) * m * Bp : 0, wm_per = (R + 3) * Bp;
   AVec<float> fsc(T * (1 + R) * kChunkSamples);
   Side side[2];
   for (Side& s : side) {
@@ -197,6 +197,7 @@ int main(int argc, char** argv) {
     sc.wm = s.wm.data() + th * wm_per;
     sc.wj = sc.wm + R * Bp;
     sc.dsum = sc.wj + Bp;
+    sc.gdiag = sc.dsum + Bp;
     sc.gh = o.need_h ? s.gbuf.data() + th * gbuf_per : nullptr;
     sc.gP = o.need_h ? sc.gh + m * Bp : nullptr;
     sc.gshared = s.gshared.data() + th * 4 * K;

@@ -1,5 +1,6 @@
-// One version of the CPU loops for benchmarks/kernel_ab: csrc/cpu/pair_stats_cpu_impl.h as found
-// at IMPL (a path), compiled for AVX2 + FMA in the namespace MMIM_CPU_CAPABILITY (impl_a or
+// One version of the CPU loops for benchmarks/kernel_ab: csrc/cpu/pair_stats_cpu_impl.h (and the
+// headers it includes) as found at IMPL (an include path; run.sh puts each version's files in its
+// own include directory), compiled for AVX2 + FMA in the namespace MMIM_CPU_CAPABILITY (impl_a or
 // impl_b), with the float entry points instantiated. run.sh compiles it once per version, both
 // in parallel, and links both objects with kernel_ab.cpp, which declares the entry points.
 #include "cpu/pair_stats_cpu.h"

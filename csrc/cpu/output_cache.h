@@ -3,7 +3,7 @@
 //
 // glibc hands blocks this large back to the kernel when they are freed, so every call of the one
 // pass faulted in its gradients afresh: ~33,000 page faults and 0.04-0.2 s of system time per
-// call at m=1024 (benchmarks/RESULTS.md §31, §33). Tensors made by empty_cached() hold a block of
+// call at m=1024. Tensors made by empty_cached() hold a block of
 // this cache; when the last reference to one dies (the user dropped the gradient), its block goes
 // back to the cache instead of to the kernel, and the next call of the same size takes it again.
 // Every tensor gets its own storage (only the memory is reused, as with PyTorch's CUDA caching

@@ -30,7 +30,6 @@ struct PairStatsCpuArgs {
   const T* hT;            // [m][Bp] h transposed, zero padded
   const T* hP;            // [R][m][Bp] second arguments of the shuffled samples:
                           // hP[r][u][n] = hT[u][perms[r][n]], zero padded
-  const int64_t* perms;   // [R][B]
   const int64_t* pairs;   // [P][2] or nullptr for all i < j, row-major
   const T* wa;            // [P][K] or [K]
   const T* wb;
@@ -46,8 +45,12 @@ struct PairStatsCpuArgs {
   const T* ema = nullptr;
   T ema_log_a = T(0);
   T* ema_ratio = nullptr;
+  // The backward and the one pass with per-pair critics' gradients: nullptr, or [P] the gradient
+  // of c (formed by the driver), set to NaN for a pair whose critic has a non-finite parameter
+  // (as every other gradient of that pair; see backward_pairs).
+  T* gc = nullptr;
   // The largest |h| of the call (the driver rejects non-finite h): the threshold form of the
-  // scores (pair_stats_cpu_impl.h, ScoreForm) is used only for critics whose terms stay bounded
+  // scores (pair_stats_cpu_score.h, ScoreForm) is used only for critics whose terms stay bounded
   // for arguments this large. Infinity (the default) or NaN leaves every critic on the direct form.
   T hmax = std::numeric_limits<T>::infinity();
 };
@@ -57,6 +60,9 @@ struct BwdScratch {
   T* wm;       // [R][Bp] weights of the shuffled samples, exp(T - lme) grad_lme / (R B)
   T* wj;       // [Bp] weights of the joint samples, grad_t / B; both zero in the padding
   T* dsum;     // [Bp] per-sample sum over sources of a hidden unit's gates w [x > 0]
+  T* gdiag;    // [Bp] a pair (i, i)'s joint second-argument gradient, added to gh row i after the
+               // pair: the unit loops write the first and second argument's rows in one pass, so
+               // the two must be different memory
   T* gh;       // [m][Bp] this thread's gradient w.r.t. hT
   T* gP;       // [R][m][Bp] this thread's gradient w.r.t. hP
   T* gshared;  // [4][K] this thread's gradient of a shared critic (wa, wb, bias, v)

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -205,7 +206,6 @@ PairStatsCpuArgs<T> make_args(const Staged& st) {
   PairStatsCpuArgs<T> g;
   g.hT = st.hT.data_ptr<T>();
   g.hP = st.hP.data_ptr<T>();
-  g.perms = st.perms.data_ptr<int64_t>();
   g.pairs = st.s.all_pairs ? nullptr : st.pairs.data_ptr<int64_t>();
   g.wa = st.wa.data_ptr<T>();
   g.wb = st.wb.data_ptr<T>();
@@ -230,34 +230,61 @@ int64_t grain(const PairStatsSizes& s) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / work);
 }
 
-// Runs f(q, begin, end) for the `parts` consecutive, equal ranges q of [0, n) on the intra-op
-// threads, each thread taking the next part not yet taken. A static split (at::parallel_for's)
-// makes every thread wait for the slowest, and on a shared machine one core is often slowed for
-// a while by other load; here the other threads take more of the parts. The parts depend on n
-// and `parts` only, and state that outlives a call of f is kept per part (never per thread), so
-// the results do not depend on which thread ran which part.
+// Blocks of pairs: `blocks` consecutive, equal ranges of [0, P) whose number depends on the
+// problem's sizes only, never on the thread count. Partial sums that span pairs (h's gradient
+// rows, a shared critic's gradient) are kept per block and added in block order, so outputs and
+// gradients are bitwise the same for any number of threads (per-pair results depend on their
+// own pair only).
+//
+// Runs f(q, begin, end) for the blocks q in [q0, q1) on the intra-op threads, each thread taking
+// the next block not yet taken. A static split (at::parallel_for's) makes every thread wait for
+// the slowest, and on a shared machine one core is often slowed for a while by other load; here
+// the other threads take more of the blocks.
 template <typename F>
-void for_each_part(int64_t n, int64_t parts, const F& f) {
-  if (n <= 0) return;
-  parts = std::max<int64_t>(1, std::min(parts, n));
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(parts, std::max(1, at::get_num_threads()));
+void for_each_block(int64_t P, int64_t blocks, int64_t q0, int64_t q1, const F& f) {
+  if (q1 <= q0) return;
+  std::atomic<int64_t> next{q0};
+  const int64_t workers = std::min<int64_t>(q1 - q0, std::max(1, at::get_num_threads()));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t q = next.fetch_add(1); q < parts; q = next.fetch_add(1)) f(q, n * q / parts, n * (q + 1) / parts);
+    for (int64_t q = next.fetch_add(1); q < q1; q = next.fetch_add(1)) f(q, P * q / blocks, P * (q + 1) / blocks);
   });
 }
 
-// Parts for a pass over the pairs: several per thread, so that the others can make up for a
-// thread slowed by other load, and of at least `grain` pairs. A part that needs buffers of
-// its own (part_bytes > 0: the backward's argument-gradient rows) is made only while all
-// parts' buffers fit in kPartBudget; at least one per thread.
-constexpr int64_t kPartsPerThread = 4;
-constexpr int64_t kPartBudget = int64_t{32} << 20;
-int64_t pair_parts(const PairStatsSizes& s, int64_t part_bytes) {
+// Blocks for a pass over the pairs: of at least `grain` pairs, at most kMaxBlocks (enough for
+// load balance on a few dozen threads). With h's gradient wanted, each block's gradient rows
+// ([1+R][m][Bp]) are zeroed and read once more by the reduction, a cost in proportion to m per
+// block, against the block's work in proportion to its pairs times K: at most one block per
+// kPairKPerUnit pairs times K per unit of m keeps the reduction a small part of the pass (m =
+// 1024, K = 16, all pairs: 15 blocks of 2 MiB of rows in float32 with R = 1), but never fewer
+// than kMinBlocks (load balance on a few threads; the reduction's share grows for small m).
+constexpr int64_t kMinBlocks = 8;
+constexpr int64_t kMaxBlocks = 64;
+constexpr int64_t kPairKPerUnit = 512;
+int64_t pair_blocks(const PairStatsSizes& s, bool h_rows) {
+  int64_t blocks = kMaxBlocks;
+  if (h_rows) blocks = std::clamp<int64_t>(s.P * s.K / (kPairKPerUnit * s.m), kMinBlocks, kMaxBlocks);
+  return std::max<int64_t>(1, std::min(blocks, s.P / grain(s)));
+}
+
+// Blocks whose h-gradient rows are held at once (a wave; the waves' sums are added in block
+// order, so their size does not change the results): as many as fit in the budget, at least one
+// per thread. The budget is 32 MiB, or MMIM_EXT_CPU_WAVE_BYTES bytes when set (the tests set it
+// small to run several waves on small inputs).
+int64_t wave_budget() {
+  static const int64_t budget = [] {
+    const char* env = std::getenv("MMIM_EXT_CPU_WAVE_BYTES");
+    if (env == nullptr || *env == '\0') return int64_t{32} << 20;
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && v >= 0,
+                "MMIM_EXT_CPU_WAVE_BYTES must be a non-negative integer, got '", env, "'");
+    return static_cast<int64_t>(v);
+  }();
+  return budget;
+}
+int64_t blocks_per_wave(int64_t blocks, int64_t block_bytes) {
   const int64_t nthreads = std::max(1, at::get_num_threads());
-  int64_t parts = nthreads * kPartsPerThread;
-  if (part_bytes > 0) parts = std::min(parts, std::max<int64_t>(nthreads, kPartBudget / part_bytes));
-  return std::max<int64_t>(1, std::min(parts, s.P / grain(s)));
+  return std::max<int64_t>(1, std::min(blocks, std::max<int64_t>(nthreads, wave_budget() / block_bytes)));
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const at::Tensor& wa,
@@ -272,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor> pair_stats_fwd_cpu(const at::Tensor& h, const
     const PairStatsCpuArgs<scalar_t> g = make_args<scalar_t>(st);
     scalar_t* tj = t_joint.data_ptr<scalar_t>();
     scalar_t* lm = lme.data_ptr<scalar_t>();
-    for_each_part(st.s.P, pair_parts(st.s, 0), [&](int64_t, int64_t begin, int64_t end) {
+    const int64_t blocks = pair_blocks(st.s, false);
+    for_each_block(st.s.P, blocks, 0, blocks, [&](int64_t, int64_t begin, int64_t end) {
       std::vector<scalar_t> sc(static_cast<size_t>((1 + g.R) * kChunkSamples));
       run_forward<scalar_t>(g, begin, end, sc.data(), tj, lm);
     });
@@ -339,15 +367,19 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
       g.ema_log_a = static_cast<T>(ema_log_a);
       g.ema_ratio = ema_ratio.data_ptr<T>();
     }
-    // Per-part gradient buffers (for_each_part): for hT and hP ([1+R][m][Bp]) and for a shared
-    // critic ([4][K]). Summed after the parallel region, in parallel over units, in a fixed order
-    // (deterministic).
-    const int64_t per_part = (1 + R) * m * Bp;
-    const int64_t nparts = pair_parts(s, need_h ? per_part * static_cast<int64_t>(sizeof(T)) : 0);
-    at::Tensor gbuf = need_h ? empty_cached({nparts, 1 + R, m, Bp}, h.options()).zero_() : none();
-    at::Tensor gs_parts = at::zeros({nparts, 4, K}, h.options());
+    // Per-block gradient buffers (for_each_block): for hT and hP ([1+R][m][Bp], one wave of blocks
+    // at a time) and for a shared critic ([4][K], every block). Summed in block order
+    // (deterministic, and the same for any number of threads).
+    const int64_t per_block = (1 + R) * m * Bp;
+    const int64_t blocks = pair_blocks(s, need_h);
+    const int64_t wave = need_h ? blocks_per_wave(blocks, per_block * static_cast<int64_t>(sizeof(T))) : blocks;
+    const int64_t waves = (blocks + wave - 1) / wave;
+    at::Tensor gbuf = need_h ? empty_cached({wave, 1 + R, m, Bp}, h.options()).zero_() : none();
+    // More than one wave: the blocks' sums so far, added to wave by wave.
+    at::Tensor gtotal = need_h && waves > 1 ? empty_cached({1 + R, m, Bp}, h.options()).zero_() : none();
+    at::Tensor gs_blocks = at::zeros({blocks, 4, K}, h.options());
     T* gbuf_all = need_h ? gbuf.data_ptr<T>() : nullptr;
-    T* gs_all = gs_parts.data_ptr<T>();
+    T* gs_all = gs_blocks.data_ptr<T>();
     const T* gtp = gt_c.data_ptr<T>();
     const T* glp = gl_c.data_ptr<T>();
     const T* lmep = lme != nullptr ? lme_c.data_ptr<T>() : nullptr;
@@ -357,34 +389,57 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
     T* gwbp = need_params ? gwb.data_ptr<T>() : nullptr;
     T* gbp = need_params ? gb.data_ptr<T>() : nullptr;
     T* gvp = need_params ? gv.data_ptr<T>() : nullptr;
-    for_each_part(s.P, nparts, [&](int64_t q, int64_t begin, int64_t end) {
-      std::vector<T> scratch(static_cast<size_t>((R + 2) * Bp));
-      BwdScratch<T> sc;
-      sc.wm = scratch.data();
-      sc.wj = sc.wm + R * Bp;
-      sc.dsum = sc.wj + Bp;
-      sc.gh = need_h ? gbuf_all + q * per_part : nullptr;
-      sc.gP = need_h ? sc.gh + m * Bp : nullptr;
-      sc.gshared = gs_all + q * 4 * K;
-      sc.need_h = need_h;
-      sc.need_params = need_params;
-      run_backward_or_both<T>(g, begin, end, gtp, glp, lmep, sc, gwap, gwbp, gbp, gvp, tjp, lmop);
-    });
-    // grad_h[n, u] = sum over parts of gh[u][n] + sum over r of gP[r][u][n'] at n = perms[r][n'].
+    // A per-pair critic's c gradient, for the pairs with a non-finite critic (set to NaN there);
+    // with the moving-average rule it is formed after the pass, from ema_ratio.
+    if (need_params && !s.shared && ema == nullptr) g.gc = gc.data_ptr<T>();
+    for (int64_t w = 0; w < waves; ++w) {
+      const int64_t q0 = w * wave, q1 = std::min(blocks, q0 + wave);
+      if (w > 0) gbuf.zero_();
+      for_each_block(s.P, blocks, q0, q1, [&](int64_t q, int64_t begin, int64_t end) {
+        std::vector<T> scratch(static_cast<size_t>((R + 3) * Bp));
+        BwdScratch<T> sc;
+        sc.wm = scratch.data();
+        sc.wj = sc.wm + R * Bp;
+        sc.dsum = sc.wj + Bp;
+        sc.gdiag = sc.dsum + Bp;
+        sc.gh = need_h ? gbuf_all + (q - q0) * per_block : nullptr;
+        sc.gP = need_h ? sc.gh + m * Bp : nullptr;
+        sc.gshared = gs_all + q * 4 * K;
+        sc.need_h = need_h;
+        sc.need_params = need_params;
+        run_backward_or_both<T>(g, begin, end, gtp, glp, lmep, sc, gwap, gwbp, gbp, gvp, tjp, lmop);
+      });
+      if (waves > 1) {
+        // gtotal += this wave's rows, block by block
+        T* tot = gtotal.data_ptr<T>();
+        at::parallel_for(0, (1 + R) * m, 16, [&](int64_t r0, int64_t r1) {
+          for (int64_t t = 0; t < q1 - q0; ++t)
+            for (int64_t r = r0; r < r1; ++r) {
+              const T* src = gbuf_all + t * per_block + r * Bp;
+              T* dst = tot + r * Bp;
+              for (int64_t n = 0; n < B; ++n) dst[n] += src[n];
+            }
+        });
+      }
+    }
+    // grad_h[n, u] = sum over blocks of gh[u][n] + sum over r of gP[r][u][n'] at n = perms[r][n'],
+    // from the one wave's buffers or from gtotal.
+    const T* rows_all = waves > 1 ? gtotal.data_ptr<T>() : gbuf_all;
+    const int64_t nrows = waves > 1 ? 1 : blocks;
     T* ghp = need_h ? grad_h.data_ptr<T>() : nullptr;
     const int64_t* pp = st.perms.data_ptr<int64_t>();
     at::parallel_for(0, need_h ? m : 0, 16, [&](int64_t u0, int64_t u1) {
       std::vector<T> row(static_cast<size_t>(Bp)), part(static_cast<size_t>(Bp));
       for (int64_t u = u0; u < u1; ++u) {
         std::fill(row.begin(), row.end(), T(0));
-        for (int64_t t = 0; t < nparts; ++t) {
-          const T* src = gbuf_all + t * per_part + u * Bp;
+        for (int64_t t = 0; t < nrows; ++t) {
+          const T* src = rows_all + t * per_block + u * Bp;
           for (int64_t n = 0; n < B; ++n) row[n] += src[n];
         }
         for (int64_t r = 0; r < R; ++r) {
           std::fill(part.begin(), part.end(), T(0));
-          for (int64_t t = 0; t < nparts; ++t) {
-            const T* src = gbuf_all + t * per_part + ((1 + r) * m + u) * Bp;
+          for (int64_t t = 0; t < nrows; ++t) {
+            const T* src = rows_all + t * per_block + ((1 + r) * m + u) * Bp;
             for (int64_t n = 0; n < B; ++n) part[n] += src[n];
           }
           const int64_t* pr = pp + r * B;
@@ -394,17 +449,24 @@ Grads backward_cpu(const char* op, const at::Tensor& grad_t, const at::Tensor& g
       }
     });
     if (s.shared && need_params) {
-      at::Tensor red = gs_parts.sum(0);  // [4, K]
-      gwa.copy_(red[0]);
-      gwb.copy_(red[1]);
-      gb.copy_(red[2]);
-      gv.copy_(red[3]);
+      std::vector<T> red(static_cast<size_t>(4 * K), T(0));
+      for (int64_t q = 0; q < blocks; ++q)
+        for (int64_t x = 0; x < 4 * K; ++x) red[x] += gs_all[q * 4 * K + x];
+      at::Tensor* out[4] = {&gwa, &gwb, &gb, &gv};
+      for (int x = 0; x < 4; ++x) std::copy(red.data() + x * K, red.data() + (x + 1) * K, out[x]->data_ptr<T>());
     }
   });
   if (need_params && ema != nullptr) {
     // d lme / d c = 1, times lme's upstream gradient with the pass's factor of the rule.
     const at::Tensor glr = gl_c.mul(ema_ratio);
     gc = s.shared ? gt_c.sum().add(glr.sum()) : gt_c.add(glr);
+  }
+  // A shared critic with a non-finite parameter: every pair's gradients are NaN (backward_pairs),
+  // c's too. (Per-pair critics' c gradients: g.gc or ema_ratio, in the pass.)
+  if (need_params && s.shared) {
+    bool finite = true;
+    for (const at::Tensor* t : {&st.wa, &st.wb, &st.b, &st.v, &st.c}) finite = finite && t->isfinite().all().item<bool>();
+    if (!finite) gc.fill_(std::numeric_limits<double>::quiet_NaN());
   }
   return {grad_h, gwa, gwb, gb, gv, gc};
 }
