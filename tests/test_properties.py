@@ -42,9 +42,10 @@ the kernel tests of this file once per other build (``MMIM_EXT_CPU_CAPABILITY=sc
 one pytest subprocess per build, results read from its JUnit XML) and reports each test per build.
 
 Running
-    CI profile (default, derandomized; about 300 examples in all, three processes):
+    CI profile (default, derandomized; about 410 examples: 285 in this process and 62 in each
+    of the two per-build subprocesses):
         python -m pytest tests/test_properties.py
-    Long run (10x the examples, random, failures kept in .hypothesis/ for replay):
+    Long run (10x the examples, about 4,100; random, failures kept in .hypothesis/ for replay):
         HYPOTHESIS_PROFILE=slow python -m pytest tests/test_properties.py
         (or: python -m pytest tests/test_properties.py --hypothesis-profile=slow)
     Add ``--hypothesis-show-statistics`` for the example counts. The profiles are registered in
@@ -79,10 +80,10 @@ _CHILD_ENV = "MMIM_EXT_PROPERTIES_CHILD"  # set in the per-build subprocesses
 
 
 def _n(weight: float) -> int:
-    """Examples for a test: `weight` times the profile's max_examples (ci 6, slow 60), halved in
-    the per-build subprocesses (they repeat the kernel tests for the other builds)."""
+    """Examples for a test: `weight` times the profile's max_examples (ci 6, slow 60), a third of
+    that in the per-build subprocesses (they repeat the kernel tests for the other builds)."""
     if os.environ.get(_CHILD_ENV):
-        weight /= 2
+        weight /= 3
     return max(1, round(weight * settings.default.max_examples))
 
 
@@ -296,7 +297,8 @@ def pair_cases(draw, device="cpu", diagonal=False, nonfinite=None, sizes="small"
         K = draw(st.sampled_from([16, 17]))
     else:
         B = draw(st.one_of(st.integers(2, 20), st.sampled_from([31, 32, 33, 64, 112, 257])))
-        R = draw(st.integers(1, 6))
+        # diagonal pairs: mostly R = 1 and groups of one row, the kernel's special cases
+        R = draw(st.integers(1, 3 if diagonal else 6))
         K = draw(st.one_of(st.integers(1, 8), st.sampled_from([16, 17, 32])))
     shared = draw(st.booleans())
     explicit = diagonal or draw(st.booleans())
@@ -308,7 +310,7 @@ def pair_cases(draw, device="cpu", diagonal=False, nonfinite=None, sizes="small"
         P = m * (m - 1) // 2
     work = P * (1 + R) * B * K
     if sizes == "parts":
-        assume(4 * 2**16 <= work <= 1_500_000)
+        assume(4 * 2**16 <= work <= 600_000)
     else:
         assume(work <= 200_000)
     case.B, case.m, case.K, case.R, case.P, case.shared = B, m, K, R, P, shared
