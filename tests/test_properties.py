@@ -11,7 +11,8 @@ What is drawn
     NaN (or an out-of-range index) so that a kernel reading outside the view fails; zero,
     subnormal, tiny and huge critic weights (the threshold form's fallbacks); large logits; R
     split into groups of rows (``ops.FUSED_SCRATCH_BYTES`` shrunk); 1 or 2 intra-op threads;
-    any subset of the inputs requiring gradients. kde_lse: N (0 included), M, d (0 included),
+    any subset of the inputs requiring gradients; P = 0 in its own test. kde_lse: N (0 in its own
+    test), M, d (0 included),
     scale (0 included), points far apart, ``y`` the same tensor as ``x``, the same layouts.
 
 The oracle
@@ -32,10 +33,11 @@ Tolerances
     kink are rejected (``_gates_decided``): there the derivative depends on the last bit of a
     sum, and two correct implementations differ.
 
-Tests named ``*_diagonal_*``, ``*_nonfinite_*`` and ``*_thread_count*`` check contracts that the
-kernel of December 2026 breaks (the h gradient of a pair ``(i, i)`` with one row of perms per
-call; NaN in wa/wb/b swallowed; results that change with the thread count); they are expected
-to pass with the kernel fixes that come with them.
+Tests named ``*_diagonal_*``, ``*_nonfinite_*``, ``*_thread_count*`` and ``*_empty_*`` check
+contracts that the code of December 2026 breaks (the h gradient of a pair ``(i, i)`` with one row
+of perms per call; NaN in wa/wb/b swallowed, and b = -inf giving a NaN gradient w.r.t. v; results
+that change with the thread count; the references' outputs for P = 0 / N = 0 detached from the
+graph); they are expected to pass with the fixes that come with them.
 
 Every CPU build: this process runs the build the CPU dispatch picks; ``test_in_cpu_build`` runs
 the kernel tests of this file once per other build (``MMIM_EXT_CPU_CAPABILITY=scalar|base|avx2``,
@@ -283,8 +285,9 @@ class PairCase:
 
 
 @st.composite
-def pair_cases(draw, device="cpu", diagonal=False, nonfinite=None, sizes="small"):
-    """A PairCase. diagonal: explicit pairs, some with i == j (otherwise i != j always);
+def pair_cases(draw, device="cpu", diagonal=False, nonfinite=None, sizes="small", empty=False):
+    """A PairCase. empty: explicit pairs, P = 0 (otherwise P >= 1);
+    diagonal: explicit pairs, some with i == j (otherwise i != j always);
     nonfinite: "nan" or "inf" written into one critic parameter; sizes="parts": large enough for
     the CPU kernel to split the pairs into more parts at more threads (4 per thread, of at least
     2^16 critic evaluations: pair_parts), compared with itself only."""
@@ -301,10 +304,10 @@ def pair_cases(draw, device="cpu", diagonal=False, nonfinite=None, sizes="small"
         R = draw(st.integers(1, 3 if diagonal else 6))
         K = draw(st.one_of(st.integers(1, 8), st.sampled_from([16, 17, 32])))
     shared = draw(st.booleans())
-    explicit = diagonal or draw(st.booleans())
+    explicit = diagonal or empty or draw(st.booleans())
     if explicit:
         m = draw(st.integers(1 if diagonal else 2, 10))
-        P = draw(st.integers(1 if diagonal else 0, 40) if sizes == "small" else st.integers(20, 160))
+        P = 0 if empty else draw(st.integers(1, 40) if sizes == "small" else st.integers(20, 160))
     else:
         m = draw(st.integers(2, 12) if sizes == "small" else st.integers(8, 18))
         P = m * (m - 1) // 2
@@ -521,6 +524,7 @@ def _op_run(case, device, linear, backend=None, ref_scratch=None):
         out["t_joint"], out["lme"] = t.detach(), l.detach()
         assert t.dtype == case.dtype and l.dtype == case.dtype and t.shape == (case.P,) and l.shape == (case.P,)
         req = [n for n in leaves if leaves[n] is not None and leaves[n].requires_grad]
+        assert not req or loss.requires_grad, f"the outputs are detached from {req}, which require gradients"
         out["grads"] = dict(zip(req, torch.autograd.grad(loss, [leaves[n] for n in req]))) if req else {}
     return out
 
@@ -622,6 +626,18 @@ def test_pair_stats_linear_nonfinite_critic_params_propagate(device, kind, data)
     _check_case(case, device, linear=True, nonfinite=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=_n(1))
+@given(data=st.data())
+def test_pair_stats_empty_pair_set_keeps_the_graph(device, data):
+    # pairs of shape [0, 2]: empty statistics, still differentiable (zero gradients) w.r.t. the
+    # inputs that require them, as on the fused path; pair_stats_reference's early return for
+    # P = 0 is detached (December 2026), so loss.backward() raises there
+    case = data.draw(pair_cases(device, empty=True))
+    case.wanted = data.draw(st.sets(st.sampled_from(NAMES), min_size=1))
+    _check_case(case, device, linear=data.draw(st.booleans()))
+
+
 def _run_all_outputs(case):
     """pair_stats (forward, full backward) and pair_stats_linear (loss, outputs, gradients), fused."""
     case.wanted = set(NAMES)
@@ -665,10 +681,11 @@ def _kde_definition(x, y, scale):
 
 
 @st.composite
-def kde_cases(draw, device="cpu"):
+def kde_cases(draw, device="cpu", empty=False):
+    """A kde_lse input: x [N, d] (N = 0 when empty, else N >= 1), y [M, d] or x itself."""
     dtype = draw(st.sampled_from((torch.float32, torch.float64)))
-    same = draw(st.booleans())
-    N = draw(st.one_of(st.integers(1 if same else 0, 12), st.sampled_from([31, 64, 130])))
+    same = False if empty else draw(st.booleans())
+    N = 0 if empty else draw(st.one_of(st.integers(1, 12), st.sampled_from([31, 64, 130])))
     M = draw(st.one_of(st.integers(1, 12), st.sampled_from([33, 257, 600])))
     d = draw(st.one_of(st.integers(0, 5), st.sampled_from([16, 33])))
     work = N * (N if same else M) * max(d, 1)
@@ -710,6 +727,7 @@ def _kde_run(case, fn, device="cpu", exact=False):
         req = {"x": xl} if xl.requires_grad else {}
         if case["y"] is not None and yl.requires_grad:
             req["y"] = yl
+        assert not req or out.requires_grad, f"the output is detached from {list(req)}, which require gradients"
         grads = dict(zip(req, torch.autograd.grad((out * g).sum(), list(req.values())))) if req else {}
     finally:
         torch.set_num_threads(threads)
@@ -720,7 +738,21 @@ def _kde_run(case, fn, device="cpu", exact=False):
 @settings(max_examples=_n(6))
 @given(data=st.data())
 def test_kde_lse_matches_definition(device, data):
-    case = data.draw(kde_cases(device))
+    _check_kde_case(data.draw(kde_cases(device)), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=_n(1))
+@given(data=st.data())
+def test_kde_lse_empty_x_keeps_the_graph(device, data):
+    # N = 0: an empty output, still differentiable w.r.t. x and y (zero gradients), as on the
+    # fused path; the reference's early return for N = 0 is detached (December 2026)
+    case = data.draw(kde_cases(device, empty=True))
+    case["wanted"] = data.draw(st.sets(st.sampled_from(["x", "y"]), min_size=1))
+    _check_kde_case(case, device)
+
+
+def _check_kde_case(case, device):
     dtype, d = case["dtype"], case["d"]
     ref, ref_grads, size = _kde_run(case, _kde_definition, exact=True)
     assert torch.isfinite(ref).all()
@@ -960,6 +992,7 @@ _KERNEL_TESTS = (
     "test_pair_stats_nonfinite_critic_params_propagate",
     "test_pair_stats_linear_nonfinite_critic_params_propagate",
     "test_pair_stats_bitwise_same_for_every_thread_count",
+    "test_pair_stats_empty_pair_set_keeps_the_graph",
 )
 _BUILDS = ("scalar", "base", "avx2")
 
