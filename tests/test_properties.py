@@ -11,9 +11,9 @@ What is drawn
     NaN (or an out-of-range index) so that a kernel reading outside the view fails; zero,
     subnormal, tiny and huge critic weights (the threshold form's fallbacks); large logits; R
     split into groups of rows (``ops.FUSED_SCRATCH_BYTES`` shrunk); 1 or 2 intra-op threads;
-    any subset of the inputs requiring gradients; P = 0 in its own test. kde_lse: N (0 in its own
-    test), M, d (0 included),
-    scale (0 included), points far apart, ``y`` the same tensor as ``x``, the same layouts.
+    any subset of the inputs requiring gradients; P = 0 in its own test. kde_lse: N (0 in its
+    own test), M, d (0 included), scale (0 included), points far apart, ``y`` the same tensor as
+    ``x``, the same layouts.
 
 The oracle
     ``_definition`` and ``_kde_definition`` materialize every critic (kernel) evaluation at once
@@ -387,6 +387,8 @@ def pair_cases(draw, device="cpu", diagonal=False, nonfinite=None, sizes="small"
     case.rows = draw(st.integers(1, R - 1)) if R > 1 and draw(st.booleans()) else None
     case.ref_scratch = draw(st.sampled_from([None, 1, 4096]))
     case.wanted = set(draw(st.sets(st.sampled_from(NAMES))))
+    if diagonal:  # a pair (i, i) adds both of its terms to h's gradient: always asked for here
+        case.wanted.add("h")
     case.want_coefs = draw(st.booleans())
     case.grad_seed = seed + 1
     if sizes != "parts":  # (compared with itself only)
@@ -1031,8 +1033,10 @@ def _results_in_build(build, tmp_dir):
         selection = "(" + " or ".join(_KERNEL_TESTS) + ") and not cuda and not test_in_cpu_build"
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
-                               "-k", selection, f"--junitxml={xml}"],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=900)
+                               "-k", selection, f"--junitxml={xml}", "--hypothesis-show-statistics"],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+        with open(os.path.join(tmp_dir, f"pytest-{build}.txt"), "w") as f:  # the child's report, statistics included
+            f.write(proc.stdout + proc.stderr)
         results = {}
         if os.path.exists(xml):
             for case in ET.parse(xml).getroot().iter("testcase"):
