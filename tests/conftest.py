@@ -8,7 +8,7 @@ import mmim_ext
 
 # Hypothesis profiles (tests/test_properties.py scales its example counts from max_examples):
 # "ci", the default, is derandomized so that every CI run draws the same examples and writes no
-# example database; "slow" draws 10x as many (with the per-build runs over 4,000), randomly, and keeps failures in .hypothesis/ to
+# example database; "slow" draws 10x as many (about 4,250 with the per-build runs), randomly, and keeps failures in .hypothesis/ to
 # replay them. Select with HYPOTHESIS_PROFILE=slow or pytest's --hypothesis-profile=slow.
 _HYPOTHESIS_COMMON = dict(deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -44,10 +44,10 @@ the kernel tests of this file once per other build (``MMIM_EXT_CPU_CAPABILITY=sc
 one pytest subprocess per build, results read from its JUnit XML) and reports each test per build.
 
 Running
-    CI profile (default, derandomized; about 410 examples: 285 in this process and 62 in each
+    CI profile (default, derandomized; about 425 examples: 297 in this process and 64 in each
     of the two per-build subprocesses):
         python -m pytest tests/test_properties.py
-    Long run (10x the examples, about 4,100; random, failures kept in .hypothesis/ for replay):
+    Long run (10x the examples, about 4,250; random, failures kept in .hypothesis/ for replay):
         HYPOTHESIS_PROFILE=slow python -m pytest tests/test_properties.py
         (or: python -m pytest tests/test_properties.py --hypothesis-profile=slow)
     Add ``--hypothesis-show-statistics`` for the example counts. The profiles are registered in
