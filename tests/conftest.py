@@ -1,7 +1,21 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import mmim_ext
+
+# Hypothesis profiles (tests/test_properties.py scales its example counts from max_examples):
+# "ci", the default, is derandomized so that every CI run draws the same examples and writes no
+# example database; "slow" draws 10x as many (about 4,250 with the per-build runs), randomly,
+# and keeps failures in .hypothesis/ to replay them. Select with HYPOTHESIS_PROFILE=slow or
+# pytest's --hypothesis-profile=slow.
+_HYPOTHESIS_COMMON = dict(deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=6, derandomize=True, database=None, **_HYPOTHESIS_COMMON)
+settings.register_profile("slow", max_examples=60, **_HYPOTHESIS_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _devices():
