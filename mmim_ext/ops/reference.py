@@ -75,8 +75,10 @@ def pair_stats_reference(
         pairs = all_pairs(m, device=h.device)
     P = pairs.shape[0]
     if P == 0:
-        empty = h.new_zeros(0, dtype=out_dtype)
-        return empty, empty.clone()
+        # Empty statistics that still hang on the graph, so that a loss built from them
+        # back-propagates zeros to every input (as the fused kernel's backward does).
+        link = sum(t.reshape(-1)[:0] for t in (h, wa, wb, b, v, c)).to(out_dtype)
+        return link, link.clone()
     K = wa.shape[-1]
     R = perms.shape[0]
     shared = wa.dim() == 1
