@@ -1,0 +1,132 @@
+"""Held-out bounds from per-sample critic scores, and bootstrap intervals over the held-out set.
+
+A variational bound evaluated on ``N`` held-out samples is a function of two averages: the joint
+term ``mean_n T(x_n, y_n)`` and the log-mean-exp of the critic over negatives, pairs
+``(x_n, y_pi(n))`` (or, for the total correlation, tuples of ``m`` different samples). Both are
+plug-in functionals of the held-out sample's empirical distribution, so the bootstrap resamples
+the held-out *samples*: a replicate draws ``N`` of them with replacement (multiplicities ``w``),
+weights the joint term of sample ``n`` by ``w_n`` and a negative built from samples
+``(n_1, ..., n_k)`` by ``w_n1 * ... * w_nk`` -- the weight that negative would have among the
+negatives of the resampled set. One replicate is a few weighted sums over scores computed
+once, so the negatives are resampled together with the evaluation samples at no extra critic
+evaluations. The interval is the percentile interval of the replicates.
+
+What it covers: the bound of the *trained* critic on the distribution (the sampling noise of
+the held-out set, joint term and negatives). It does not cover the gap between that bound and
+the true MI (a critic of finite capacity, finitely trained, is biased low) nor the variation of
+the critic across training runs; ``docs/estimators.md`` reports the coverage of the truth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["bootstrap_bound", "pair_scores", "tuple_weights"]
+
+# Negatives per chunk of the weighted sums ([num_bootstrap, chunk] weights at a time).
+_CHUNK = 1 << 15
+
+
+def pair_scores(mod, h: torch.Tensor, perms: torch.Tensor, pair_index: torch.Tensor):
+    """Per-sample scores of a :class:`~mmim_ext.estimators.pairwise.PairwiseMINE`'s critics.
+
+    The critic of the class docstring, ``c + sum_k v_k relu(wa_k a + wb_k b + b_k)``, evaluated
+    in PyTorch (the fused op returns only the per-pair averages).
+
+    Args:
+        h: ``[N, m]`` prepared features (what the module's critics see).
+        perms: ``[R, N]`` int64 negatives.
+        pair_index: ``[S]`` int64, which of the module's pairs.
+
+    Returns:
+        ``joint [N, S]`` and ``marg [R, N, S]`` in ``h``'s dtype (nats of the critic's scale).
+    """
+    pairs = mod.pairs[pair_index]
+    sel = pair_index if mod.per_pair else torch.zeros_like(pair_index)
+    wa, wb, bias, v = (p.detach()[sel].to(h.dtype) for p in (mod.wa, mod.wb, mod.b, mod.v))
+    c = mod.c.detach()[sel].to(h.dtype)
+    a, b = h[:, pairs[:, 0]], h[:, pairs[:, 1]]
+
+    def score(x, y):
+        return (torch.relu(x.unsqueeze(-1) * wa + y.unsqueeze(-1) * wb + bias) * v).sum(-1) + c
+
+    return score(a, b), torch.stack([score(a, b[p]) for p in perms])
+
+
+def tuple_weights(weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``prod_k weights[index[:, k]]``: ``[M, nb]`` weights of ``M`` negatives built from the
+    samples ``index`` ``[M, k]``, given ``weights`` ``[N, nb]`` (one row per sample)."""
+    out = weights.index_select(0, index[:, 0])
+    for k in range(1, index.shape[1]):
+        out *= weights.index_select(0, index[:, k])
+    return out
+
+
+def _bound(estimator: str, t_joint, lme):
+    if estimator == "nwj":
+        return t_joint - torch.exp(lme - 1.0)
+    return t_joint - lme
+
+
+def bootstrap_bound(estimator: str, joint: torch.Tensor, marg: torch.Tensor, index: torch.Tensor, *,
+                    groups: torch.Tensor | None = None, num_bootstrap: int = 200, ci: float = 0.95,
+                    smile_clip: float = 5.0, generator: torch.Generator | None = None):
+    """Bound and percentile bootstrap interval from per-sample scores (nats).
+
+    Args:
+        estimator: ``"mine"`` (Donsker-Varadhan), ``"nwj"`` or ``"smile"`` (marginal scores
+            clipped to ``[-smile_clip, smile_clip]``).
+        joint: ``[N, P]`` critic scores of the ``N`` held-out samples, ``P`` bounds at once.
+        marg: ``[M, P]`` scores of ``M`` negatives.
+        index: ``[M, k]`` int64, the held-out samples each negative is built from.
+        groups: optional ``[N]`` int64 classes; then the bound is formed per class (joint
+            samples of the class, negatives whose first sample is in it) and averaged with the
+            class frequencies, as a class-conditional bound is.
+        num_bootstrap: replicates; ci: the interval's coverage level.
+
+    Returns:
+        ``(estimate [P], low [P], high [P])`` float64; ``estimate`` is the bound on the held-out
+        set itself (all multiplicities 1).
+    """
+    N, P = joint.shape
+    joint, marg = joint.double(), marg.double()
+    if estimator == "smile":
+        marg = marg.clamp(-smile_clip, smile_clip)
+    draws = torch.randint(0, N, (num_bootstrap, N), generator=generator)
+    w = torch.zeros(num_bootstrap, N, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(num_bootstrap, N, dtype=torch.float64))
+    w = torch.cat([torch.ones(1, N, dtype=torch.float64), w])  # row 0: the held-out set itself
+    # [N, nb], rows gathered per negative; float32 holds the products of small counts exactly
+    wt = w.t().float().contiguous()
+    if groups is None:
+        groups = torch.zeros(N, dtype=torch.int64)
+    marg_group = groups[index[:, 0]]
+    total = torch.zeros(w.shape[0], P, dtype=torch.float64)
+    for g in torch.unique(groups):
+        in_g = groups == g
+        wg = w[:, in_g]
+        share = wg.sum(1, keepdim=True)  # [nb, 1]
+        t_joint = (wg @ joint[in_g]) / share.clamp_min(1e-300)
+        sel = (marg_group == g).nonzero().squeeze(1)
+        shift = marg[sel].max(0).values  # [P]
+        s = torch.zeros(w.shape[0], P, dtype=torch.float64)
+        z = torch.zeros(w.shape[0], 1, dtype=torch.float64)
+        for start in range(0, sel.numel(), _CHUNK):
+            rows = sel[start:start + _CHUNK]
+            wm = tuple_weights(wt, index[rows])  # [Mc, nb]
+            e = torch.cat([torch.exp(marg[rows] - shift), torch.ones(rows.numel(), 1, dtype=marg.dtype)], 1)
+            sz = (wm.t() @ e.float()).double()  # the weighted sums and (last column) the weights' sum
+            s += sz[:, :P]
+            z += sz[:, P:]
+        # A replicate that holds a class member but none of its negatives has no estimate of
+        # that class's log-mean-exp; it takes the held-out set's own value.
+        lme = torch.where(z > 0, torch.log(s.clamp_min(1e-300) / z.clamp_min(1e-300)) + shift, math.nan)
+        lme = torch.where(torch.isnan(lme), lme[:1].expand_as(lme), lme)
+        total += share / N * _bound(estimator, t_joint, lme)
+    alpha = (1.0 - ci) / 2.0
+    reps = total[1:]
+    low = torch.quantile(reps, alpha, dim=0)
+    high = torch.quantile(reps, 1.0 - alpha, dim=0)
+    return total[0], low, high
