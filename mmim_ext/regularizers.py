@@ -14,9 +14,10 @@ Contract of every feature regularizer (used by :mod:`mmim_ext.training` and the 
     loss = task_loss + lam * penalty
 
 In training mode the call first runs ``critic_steps`` adversarial updates of the regularizer's
-own critics on ``features.detach()`` with its own optimizer (maximizing the MI bounds), then
-returns the penalty (a scalar, nats) computed with the updated critics held fixed, so the
-gradient flows only into the features. In eval mode no critic is updated. ``reg.terms`` holds
+own critics on ``features.detach()`` with its own optimizer (maximizing the MI bounds, through
+every term's ``critic_loss``), then returns the penalty (a scalar, nats; every term's
+``penalty``) computed with the updated critics held fixed, so the gradient flows only into the
+features. In eval mode no critic is updated. ``reg.terms`` holds
 the latest float value of every active term, e.g. ``{"c4": 0.8, "c5": -0.3, "c6": -1.2}``
 (unweighted, signed as above).
 
@@ -143,24 +144,14 @@ class MMIMRegularizer(nn.Module):
         idx = torch.randperm(P, device=device)[: self.max_pairs]
         return idx, P / self.max_pairs
 
-    def _term(self, name, h, labels, index, scale, compute_loss):
-        """(signed term value, critic loss) for one term."""
-        if name == "c6":
-            est, loss = self.c6_critic(h, labels, compute_loss=compute_loss)
-            return -est.sum(), loss
-        critic = self.c4_critic if name == "c4" else self.c5_critic
-        lab = labels if name == "c5" else None
-        if self.mode == "pairwise" and not compute_loss:
-            # The penalty through frozen critics: one pass of the fused op where it applies.
-            _, val = critic.penalty(h, lab, index, coef=scale)
-            loss = None
-        elif self.mode == "pairwise":
-            # A critic update: one pass of the fused op where it applies (critic_loss).
-            est, loss = critic.critic_loss(h, lab, index)
-            val = est.sum() * scale
-        else:
-            val, loss = critic(h, lab, compute_loss=compute_loss)
-        return (val if name == "c4" else -val), loss
+    def _terms(self):
+        """``(name, critic, sign, takes_labels, takes_pair_index)`` of every active term."""
+        out = []
+        for name, sign, takes_labels in (("c4", 1.0, False), ("c5", -1.0, True), ("c6", -1.0, True)):
+            critic = getattr(self, f"{name}_critic")
+            if critic is not None:
+                out.append((name, critic, sign, takes_labels, isinstance(critic, PairwiseMINE)))
+        return out
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Critic updates (training mode), then the penalty (scalar tensor, nats)."""
@@ -169,23 +160,34 @@ class MMIMRegularizer(nn.Module):
         if not bool(torch.isfinite(features.detach()).all()):
             raise ValueError(f"{owner}: argument 'features' contains NaN or infinite values")
         check_labels(owner, labels, features.shape[0], self.num_classes)
-        active = [k for k, w in self.weights.items() if w != 0]
         index, scale = self._pair_index(features.device)
+        terms = self._terms()
+
+        def args(takes_labels, takes_pairs):
+            kw = {"pair_index": index} if takes_pairs else {}
+            return (labels if takes_labels else None), kw
+
         if self.training and self.critic_steps > 0:
             detached = features.detach()
             with torch.enable_grad():
                 for _ in range(self.critic_steps):
-                    loss = sum(self._term(k, detached, labels, index, scale, True)[1] for k in active)
+                    loss = 0.0
+                    for _, critic, _, takes_labels, takes_pairs in terms:
+                        lab, kw = args(takes_labels, takes_pairs)
+                        loss = loss + critic.critic_loss(detached, lab, **kw)[1]
                     self.critic_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.critic_optimizer.step()
         penalty = features.new_zeros(())
-        terms = {}
-        for k in active:
-            val, _ = self._term(k, features, labels, index, scale, False)
-            terms[k] = float(val.detach())
-            penalty = penalty + self.weights[k] * val.to(penalty.dtype)
-        self.terms = terms
+        values = {}
+        for name, critic, sign, takes_labels, takes_pairs in terms:
+            lab, kw = args(takes_labels, takes_pairs)
+            # A pair subset's sum is rescaled by P / max_pairs (scale is 1 for the other terms).
+            coef = sign * (scale if takes_pairs else 1.0)
+            _, val = critic.penalty(features, lab, **kw, coef=coef)
+            values[name] = float(val.detach())
+            penalty = penalty + self.weights[name] * val.to(penalty.dtype)
+        self.terms = values
         return penalty
 
     def extra_repr(self) -> str:

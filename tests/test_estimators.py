@@ -173,31 +173,34 @@ def test_penalty_matches_the_frozen_forward(estimator, per_pair, subset, conditi
 @pytest.mark.parametrize("per_pair", [True, False])
 @pytest.mark.parametrize("subset", [False, True])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_critic_loss_matches_forward(estimator, training, backend, per_pair, subset, conditional, monkeypatch):
-    # critic_loss() (for "mine" in training mode on the kernel the one pass with the
-    # moving-average rule; with the reference backend the general path, forward's loss with the
-    # negatives critic_loss drew) against forward() over three updates: loss, estimates, every
-    # critic gradient and the moving average's state.
+def test_critic_loss_matches_the_reference_path(estimator, training, backend, per_pair, subset, conditional,
+                                                monkeypatch):
+    # critic_loss() picks its kernel: for "mine" on the compiled CPU kernel the one pass (with the
+    # moving-average rule in training mode, pair_stats_linear's plain DV loss in eval mode). It is
+    # checked over three updates against the same module on backend="reference" (pair_stats'
+    # reference and autograd): loss, estimates, every critic gradient and the moving average.
     import copy
 
     from mmim_ext.estimators import pairwise as estimators
 
-    one_pass = estimator == "mine" and training and backend != "reference" and FUSED
-    calls = []
-    real = estimators.pair_stats_mine_loss
-    monkeypatch.setattr(estimators, "pair_stats_mine_loss", lambda *a: calls.append(1) or real(*a))
+    one_pass = estimator == "mine" and backend != "reference" and FUSED
+    calls = {"mine": 0, "linear": 0}
+    for name, key in (("pair_stats_mine_loss", "mine"), ("pair_stats_linear", "linear")):
+        real = getattr(estimators, name)
+        monkeypatch.setattr(estimators, name, lambda *a, _r=real, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1) or _r(*a, **k))
     B, m = 40, 5
     g = torch.Generator().manual_seed(6)
     labels = torch.arange(B) % 3 if conditional else None
     idx = torch.tensor([7, 0, 4]) if subset else None
     torch.manual_seed(0)
-    ref = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator, backend=backend)
-    ref = ref.double().train(training)
-    mod = copy.deepcopy(ref)
+    mod = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator, backend=backend)
+    mod = mod.double().train(training)
+    ref = copy.deepcopy(mod)
+    ref.backend = "reference"
     for step in range(3):
         h = torch.randn(B, m, generator=g, dtype=torch.float64)
         torch.manual_seed(100 + step)  # the same negatives for both
-        est0, loss0 = ref(h, labels, idx)
+        est0, loss0 = ref.critic_loss(h, labels, idx)
         torch.manual_seed(100 + step)
         est1, loss1 = mod.critic_loss(h, labels, idx)
         for x in (ref, mod):
@@ -211,7 +214,75 @@ def test_critic_loss_matches_forward(estimator, training, backend, per_pair, sub
         for b0, b1 in zip(ref.buffers(), mod.buffers()):
             assert torch.equal(b0.isfinite(), b1.isfinite())
             assert torch.allclose(b1[b1.isfinite()], b0[b0.isfinite()], rtol=1e-12, atol=1e-12)
-    assert len(calls) == (3 if one_pass else 0)  # the path the case names ran
+    # the path the case names ran
+    assert calls["mine"] == (3 if one_pass and training else 0)
+    assert calls["linear"] == (3 if one_pass and not training else 0)
+
+
+def test_forward_dispatches_on_what_autograd_needs():
+    # forward() is critic_loss() while a critic parameter requires grad and autograd records,
+    # penalty() otherwise; forward(compute_loss=False) is a deprecated alias of the frozen
+    # estimates (with gradient w.r.t. h, loss None), as before.
+    h = gaussian_pairs([0.6, 0.2], 64, 0).double().requires_grad_(True)
+    mod = mmim_ext.PairwiseMINE(4, hidden=8, negatives="all").double()
+    est, loss = mod(h)
+    want_est, want_loss = mod.critic_loss(h)
+    assert torch.allclose(loss, want_loss, rtol=1e-12) and loss.grad_fn is not None
+    with torch.no_grad():
+        est, value = mod(h)
+    assert torch.allclose(value, mod.penalty(h)[1], rtol=1e-12)
+    mod.requires_grad_(False)
+    est, value = mod(h, coef=-2.0)
+    assert torch.allclose(value, -2.0 * est.sum(), rtol=1e-12) and value.requires_grad
+    mod.requires_grad_(True)
+    with pytest.warns(DeprecationWarning, match="penalty"):
+        old_est, old_loss = mod(h, compute_loss=False)
+    assert old_loss is None and old_est.requires_grad and old_est.shape == (6,)
+    assert torch.allclose(old_est.detach(), mod.penalty(h)[0], rtol=1e-12)
+    (gh,) = torch.autograd.grad(old_est.sum(), h)
+    (gp,) = torch.autograd.grad(mod.penalty(h)[1], h)
+    assert torch.allclose(gh, gp, rtol=1e-9, atol=1e-12)
+    assert all(p.grad is None for p in mod.parameters())
+
+
+@pytest.mark.parametrize("kind", ["tc", "vector", "unit_label"])
+def test_every_estimator_has_the_same_entry_points(kind):
+    # critic_loss -> (estimates, 0-d loss); penalty -> (estimates without gradient, 0-d value =
+    # coef * sum of the estimates, differentiable w.r.t. the features only); evaluate -> tensor;
+    # forward dispatches like PairwiseMINE's.
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(64, 3, generator=g).requires_grad_(True)
+    y = torch.randint(0, 2, (64,), generator=g)
+    torch.manual_seed(0)
+    if kind == "tc":
+        mod, args, shape = mmim_ext.TotalCorrelationMINE(3, hidden=8), (h, None), ()
+    elif kind == "vector":
+        mod, args, shape = mmim_ext.VectorMINE(2, 1, hidden=8), (h[:, :2], h[:, 2]), ()
+    else:
+        mod, args, shape = mmim_ext.UnitLabelMINE(3, 2, hidden=8), (h, y), (3,)
+    est, loss = mod.critic_loss(*args)
+    assert est.shape == shape and loss.dim() == 0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None for p in mod.parameters())
+    mod.zero_grad(set_to_none=True)
+    h.grad = None
+    torch.manual_seed(3)
+    est, value = mod.penalty(*args, coef=-1.5)
+    assert est.shape == shape and not est.requires_grad and value.dim() == 0
+    assert torch.allclose(value, -1.5 * est.sum(), rtol=1e-6)
+    value.backward()
+    assert h.grad is not None and all(p.grad is None for p in mod.parameters())
+    ev = mod.evaluate(*args)
+    assert isinstance(ev, torch.Tensor) and ev.shape == shape and not ev.requires_grad
+    with torch.no_grad():
+        torch.manual_seed(3)
+        est2, value2 = mod(*args)  # no autograd: the penalty
+    assert torch.allclose(est2, est) and torch.allclose(value2, est.sum())
+    with pytest.warns(DeprecationWarning):
+        old, none = mod(*args, compute_loss=False)
+    assert none is None and old.requires_grad and old.shape == shape
+    with pytest.raises(ValueError, match="'coef'"):
+        mod.penalty(*args, coef=float("inf"))
 
 
 @pytest.mark.skipif(not FUSED, reason="compiled extension not built")

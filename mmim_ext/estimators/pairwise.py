@@ -9,13 +9,14 @@ from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
 from mmim_ext.estimators.bounds import BOUNDS, LogEMA, bound_from_scores, log_mean_exp, mine_loss, nwj_bound, standardize
+from mmim_ext.estimators.base import MIEstimator, check_coef
 from mmim_ext.estimators.negatives import NEGATIVES, make_perms
 from mmim_ext.ops import all_pairs, one_pass_applies, pair_stats, pair_stats_linear, pair_stats_mine_loss
 
 __all__ = ["PairwiseMINE"]
 
 
-class PairwiseMINE(nn.Module):
+class PairwiseMINE(MIEstimator):
     """MI of many pairs of scalar units, ``I(h_i; h_j)`` or (with labels) ``I(h_i; h_j | Y)``.
 
     Every pair ``p = (i, j)`` has a critic ``T_p(a, b) = c_p + sum_k v_pk relu(wa_pk a + wb_pk b + b_pk)``
@@ -34,13 +35,15 @@ class PairwiseMINE(nn.Module):
         standardize: standardize each unit with batch statistics (see the module docstring).
         backend: forwarded to :func:`mmim_ext.pair_stats`.
 
-    ``forward(h, labels=None, pair_index=None)``:
-        h: ``[B, m]`` float32/float64; labels: optional ``[B]`` int64; pair_index: optional
-        ``[S]`` int64 subset of the module's pairs (only those critics are evaluated).
-        Returns ``(estimates [P] or [S] in nats, loss)``; ``loss`` is the SUM over pairs of the
-        per-pair negative bounds (with the MINE gradient correction in training mode), so that
-        each pair's critic receives the gradient of its own bound whatever ``P`` is (for a
-        shared critic it is the mean).
+    Entry points (see :mod:`mmim_ext.estimators.base`; the module picks the kernel):
+    ``critic_loss(h, labels=None, pair_index=None) -> (estimates, loss)``,
+    ``penalty(h, labels=None, pair_index=None, *, coef=1.0) -> (estimates, value)``,
+    ``evaluate(h, labels=None, ...) -> [P]`` and ``forward`` (``critic_loss`` while the critics
+    train, ``penalty`` otherwise). ``h``: ``[B, m]`` float32/float64; ``labels``: optional
+    ``[B]`` int64; ``pair_index``: optional ``[S]`` int64 subset of the module's pairs (only
+    those critics are evaluated). Estimates are ``[P]`` or ``[S]`` in nats; ``loss`` is the SUM
+    over pairs of the per-pair negative bounds, so that each pair's critic receives the gradient
+    of its own bound whatever ``P`` is (for a shared critic it is the mean).
     """
 
     def __init__(self, num_units: int, hidden: int = 16, per_pair: bool = True, pairs=None,
@@ -107,8 +110,7 @@ class PairwiseMINE(nn.Module):
             ps = tuple(p[index] for p in ps)
         return tuple(p.to(dtype) for p in ps)
 
-    def _prepare(self, h, labels, pair_index):
-        owner = "PairwiseMINE.forward"
+    def _prepare(self, h, labels, pair_index, owner):
         check_features(owner, "h", h, self.num_units)
         if labels is not None:
             check_labels(owner, labels, h.shape[0])
@@ -130,25 +132,29 @@ class PairwiseMINE(nn.Module):
         params = self._params(pair_index, h.dtype, detach)
         return pair_stats(h, *params, perms, pairs, backend=self.backend)
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, pair_index: torch.Tensor | None = None,
-                *, compute_loss: bool = True):
-        """See the class docstring. With ``compute_loss=False`` the critic is used frozen (its
-        parameters are detached, the EMA is left alone) and the loss returned is ``None``: the
-        call a regularizer makes to get a penalty differentiable w.r.t. ``h`` only."""
-        h, pairs = self._prepare(h, labels, pair_index)
-        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
-        if not compute_loss:
-            if self.estimator == "smile":
-                t_joint, lme = self._smile_stats(h, perms, pairs, pair_index, detach=True)
-            else:
-                t_joint, lme = self.pair_statistics(h, perms, pair_index, detach=True)
-            est = nwj_bound(t_joint, lme) if self.estimator == "nwj" else t_joint - lme
-            self._record(est, pair_index)
-            return est, None
+    def _negatives(self, h, labels):
+        return make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
+
+    def critic_loss(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+                    pair_index: torch.Tensor | None = None):
+        """A critic update: ``(estimates, loss)``.
+
+        ``loss`` (0-d) is the sum over pairs of the per-pair negative bounds (MINE's
+        moving-average gradient in training mode; the mean over pairs for a shared critic).
+        Where the fused CPU kernel's one pass applies (``"mine"``), the statistics and the
+        gradients are formed together (``pair_stats_mine_loss`` in training mode, whose
+        moving-average rule is applied per pair once its ``lme`` is known;
+        ``pair_stats_linear`` in eval mode, where the loss is linear in the statistics) and the
+        estimates come back without gradient; elsewhere ``pair_stats`` and autograd.
+        """
+        h, pairs = self._prepare(h, labels, pair_index, "PairwiseMINE.critic_loss")
+        perms = self._negatives(h, labels)
+        if self.estimator == "mine" and one_pass_applies(h, perms, self.backend):
+            return self._one_pass_loss(h, perms, pairs, pair_index)
         return self._loss(h, perms, pairs, pair_index)
 
     def _loss(self, h, perms, pairs, pair_index):
-        """forward's ``(estimates, loss)`` on prepared features and drawn negatives."""
+        """critic_loss's general path on prepared features and drawn negatives."""
         if self.estimator == "smile":
             est, loss = self._smile(h, perms, pairs, pair_index)
         else:
@@ -163,36 +169,25 @@ class PairwiseMINE(nn.Module):
         loss = loss.sum() if self.per_pair else loss.mean()
         return est, loss
 
-    def critic_loss(self, h: torch.Tensor, labels: torch.Tensor | None = None,
-                    pair_index: torch.Tensor | None = None):
-        """``forward(h, labels, pair_index)`` for a critic update: ``(estimates, loss)``.
-
-        The same loss, gradients and moving-average update as ``forward``. For the ``"mine"``
-        estimator in training mode with the CPU kernel the loss comes from one pass over the
-        samples (``mmim_ext::pair_stats_fwd_bwd_mine``: statistics and gradients together, the
-        moving-average rule applied per pair once its ``lme`` is known) instead of a forward and a
-        backward; the estimates are then returned without gradient. Other cases call ``forward``.
-        """
-        if not (self.estimator == "mine" and self.training and self._ema is not None):
-            return self(h, labels, pair_index)
-        h, pairs = self._prepare(h, labels, pair_index)
-        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
-        if not one_pass_applies(h, perms, self.backend):
-            return self._loss(h, perms, pairs, pair_index)  # the general path, with these negatives
+    def _one_pass_loss(self, h, perms, pairs, pair_index):
+        """critic_loss for ``"mine"`` through the fused one pass (the caller checked it applies)."""
         P = pairs.shape[0]
         scale = 1.0 if self.per_pair else 1.0 / P
         ct = torch.full((P,), -scale, dtype=h.dtype, device=h.device)
-        # The average's state before this batch: la = log(1 - a) + log_acc, lk = log(1 - (1 - a)^count)
-        # with count including this batch (LogEMA.update).
-        ema = self._ema
-        idx = slice(None) if pair_index is None else pair_index
-        a = ema.rate
-        la = ema.log_acc[idx] + math.log1p(-a)
-        lk = torch.log1p(-torch.pow(1 - a, ema.count[idx] + 1))
-        rule = torch.stack([la, lk], 1).to(h.dtype)
         params = self._params(pair_index, h.dtype)
-        loss, t_joint, lme = pair_stats_mine_loss(h, *params, perms, pairs, ct, -ct, rule, math.log(a))
-        ema.update(lme, pair_index)
+        if not self.training:  # the plain DV loss: linear in the statistics
+            loss, t_joint, lme = pair_stats_linear(h, *params, perms, ct, -ct, pairs, backend=self.backend)
+        else:
+            # The average's state before this batch: la = log(1 - a) + log_acc, lk = log(1 - (1 - a)^count)
+            # with count including this batch (LogEMA.update).
+            ema = self._ema
+            idx = slice(None) if pair_index is None else pair_index
+            a = ema.rate
+            la = ema.log_acc[idx] + math.log1p(-a)
+            lk = torch.log1p(-torch.pow(1 - a, ema.count[idx] + 1))
+            rule = torch.stack([la, lk], 1).to(h.dtype)
+            loss, t_joint, lme = pair_stats_mine_loss(h, *params, perms, pairs, ct, -ct, rule, math.log(a))
+            ema.update(lme, pair_index)
         est = t_joint - lme
         self._record(est, pair_index)
         return est, loss
@@ -202,32 +197,40 @@ class PairwiseMINE(nn.Module):
         """``coef`` times the sum over pairs of the estimates, with the critics frozen.
 
         The penalty a regularizer adds to the task loss: differentiable w.r.t. ``h`` only (the
-        critics' parameters are detached, the EMA is left alone), the value that
-        ``coef * self(h, labels, pair_index, compute_loss=False)[0].sum()`` gives. For the
-        ``"mine"`` estimator (the Donsker-Varadhan bound ``t_joint - lme`` per pair) it is a fixed
-        linear combination of the op's statistics, so it goes through
-        :func:`mmim_ext.pair_stats_linear`: on the CPU kernel, the statistics and the gradient
-        w.r.t. ``h`` in one pass over the samples instead of a forward and a backward. The other
-        estimators take the general path.
+        critics' parameters are detached, the EMA is left alone). For the ``"mine"`` estimator
+        (the Donsker-Varadhan bound ``t_joint - lme`` per pair) it is a fixed linear combination
+        of the op's statistics, so it goes through :func:`mmim_ext.pair_stats_linear`: on the CPU
+        kernel, the statistics and the gradient w.r.t. ``h`` in one pass over the samples
+        instead of a forward and a backward. The other estimators take the general path.
 
         Returns:
             ``(estimates, value)``: the per-pair estimates (``[P]`` or ``[S]``, nats, without
-            gradient; also recorded as by ``forward``) and ``value``, a 0-d tensor.
+            gradient; also recorded for :meth:`matrix`) and ``value``, a 0-d tensor.
         """
-        coef = float(coef)
-        if not math.isfinite(coef):
-            raise ValueError(f"PairwiseMINE.penalty: argument 'coef' must be a finite number, got {coef!r}")
+        coef = check_coef("PairwiseMINE.penalty", coef)
         if self.estimator != "mine":
-            est, _ = self(h, labels, pair_index, compute_loss=False)
+            est = self._frozen(h, labels, pair_index, owner="PairwiseMINE.penalty")
             return est.detach(), coef * est.sum()
-        h, pairs = self._prepare(h, labels, pair_index)
-        perms = make_perms(h.shape[0], self.negatives, self.num_negatives, labels, device=h.device)
+        h, pairs = self._prepare(h, labels, pair_index, "PairwiseMINE.penalty")
+        perms = self._negatives(h, labels)
         params = self._params(pair_index, h.dtype, detach=True)
         ct = torch.full((pairs.shape[0],), coef, dtype=h.dtype, device=h.device)
         value, t_joint, lme = pair_stats_linear(h, *params, perms, ct, -ct, pairs, backend=self.backend)
         est = t_joint - lme
         self._record(est, pair_index)
         return est, value
+
+    def _frozen(self, h, labels=None, pair_index=None, *, owner="PairwiseMINE.forward"):
+        """Estimates through detached critics, differentiable w.r.t. ``h`` (the general path)."""
+        h, pairs = self._prepare(h, labels, pair_index, owner)
+        perms = self._negatives(h, labels)
+        if self.estimator == "smile":
+            t_joint, lme = self._smile_stats(h, perms, pairs, pair_index, detach=True)
+        else:
+            t_joint, lme = self.pair_statistics(h, perms, pair_index, detach=True)
+        est = nwj_bound(t_joint, lme) if self.estimator == "nwj" else t_joint - lme
+        self._record(est, pair_index)
+        return est
 
     def _smile(self, h, perms, pairs, pair_index):
         wa, wb, b, v, c = self._params(pair_index, h.dtype)
@@ -261,7 +264,7 @@ class PairwiseMINE(nn.Module):
         the op and merged by log-sum-exp, so memory stays bounded for large validation sets.
         Updates :meth:`matrix`. Returns ``[P]``.
         """
-        h, pairs = self._prepare(h, labels, None)
+        h, pairs = self._prepare(h, labels, None, "PairwiseMINE.evaluate")
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         num = min(num_negatives, h.shape[0] - 1)
         perms = make_perms(h.shape[0], negatives, num, labels, device=h.device, generator=gen)

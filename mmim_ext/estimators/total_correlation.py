@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
 from mmim_ext.estimators.bounds import BOUNDS, CriticMLP, LogEMA, bound_from_scores, standardize
+from mmim_ext.estimators.base import MIEstimator, check_coef
 from mmim_ext.estimators.negatives import product_of_marginals
 
 __all__ = ["TotalCorrelationMINE"]
 
 
-class TotalCorrelationMINE(nn.Module):
+class TotalCorrelationMINE(MIEstimator):
     """Total correlation ``I(h_1; ...; h_m) = KL(p(h) || prod_i p(h_i))`` (nats), or with labels
     ``KL(p(h|Y) || prod_i p(h_i|Y))`` averaged over ``Y``.
 
@@ -21,7 +21,9 @@ class TotalCorrelationMINE(nn.Module):
     column of the batch independently (within each class when labels are given),
     ``num_negatives`` such draws per call.
 
-    ``forward(h, labels=None)`` with ``h`` ``[B, m]`` returns ``(estimate scalar tensor, loss)``.
+    Entry points (see :mod:`mmim_ext.estimators.base`): ``critic_loss(h, labels=None)``,
+    ``penalty(h, labels=None, *, coef=1.0)``, ``evaluate(h, labels=None)`` and ``forward``, with
+    ``h`` ``[B, m]`` float and ``labels`` ``[B]`` int64; estimates are 0-d tensors in nats.
     """
 
     def __init__(self, num_units: int, hidden: int = 64, layers: int = 2, estimator: str = "mine",
@@ -61,25 +63,35 @@ class TotalCorrelationMINE(nn.Module):
         marg = critic(product_of_marginals(h, labels, draws, generator).to(dtype))
         return joint, marg
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, *, compute_loss: bool = True):
-        """See the class docstring; ``compute_loss=False``: frozen critic, loss ``None``."""
-        h = self._prepare(h, labels, "TotalCorrelationMINE.forward")
-        joint, marg = self._scores(h, labels, self.num_negatives, detach=not compute_loss)
-        if not compute_loss:
-            est, _ = bound_from_scores(self.estimator, joint, marg, training=False, clip=self.smile_clip)
-            return est[0], None
+    def critic_loss(self, h: torch.Tensor, labels: torch.Tensor | None = None):
+        """A critic update: ``(estimate, loss)``, both 0-d (nats; MINE's moving-average
+        gradient in training mode)."""
+        h = self._prepare(h, labels, "TotalCorrelationMINE.critic_loss")
+        joint, marg = self._scores(h, labels, self.num_negatives)
         est, loss = bound_from_scores(self.estimator, joint, marg, ema=self._ema,
                                        training=self.training, clip=self.smile_clip)
         return est[0], loss[0]
 
+    def penalty(self, h: torch.Tensor, labels: torch.Tensor | None = None, *, coef: float = 1.0):
+        """``(estimate, coef * estimate)`` through the frozen critic: the estimate (0-d, nats)
+        without gradient, the value (0-d) differentiable w.r.t. ``h`` only."""
+        coef = check_coef("TotalCorrelationMINE.penalty", coef)
+        est = self._frozen(h, labels, owner="TotalCorrelationMINE.penalty")
+        return est.detach(), coef * est
+
+    def _frozen(self, h, labels=None, *, owner="TotalCorrelationMINE.forward"):
+        h = self._prepare(h, labels, owner)
+        joint, marg = self._scores(h, labels, self.num_negatives, detach=True)
+        est, _ = bound_from_scores(self.estimator, joint, marg, training=False, clip=self.smile_clip)
+        return est[0]
+
     @torch.no_grad()
     def evaluate(self, h: torch.Tensor, labels: torch.Tensor | None = None, *, num_draws: int = 16,
-                 seed: int | None = 0) -> float:
-        """Bound (nats) on held-out data with ``num_draws`` product-of-marginals draws."""
+                 seed: int | None = 0) -> torch.Tensor:
+        """Bound (nats, 0-d tensor) on held-out data with ``num_draws`` product-of-marginals draws."""
+        check_positive_int("TotalCorrelationMINE.evaluate", "num_draws", num_draws)
         h = self._prepare(h, labels, "TotalCorrelationMINE.evaluate")
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         joint, marg = self._scores(h, labels, num_draws, gen)
         est, _ = bound_from_scores(self.estimator, joint, marg, training=False, clip=self.smile_clip)
-        return float(est[0])
-
-
+        return est[0]

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_positive_int
 from mmim_ext.estimators.bounds import BOUNDS, CriticMLP, LogEMA, bound_from_scores, standardize
+from mmim_ext.estimators.base import MIEstimator, check_coef
 from mmim_ext.estimators.negatives import NEGATIVES, make_perms
 
 __all__ = ["VectorMINE"]
 
 
-class VectorMINE(nn.Module):
+class VectorMINE(MIEstimator):
     """``I(X; Y)`` between two vectors with a concatenation critic ``T(x, y) = MLP([x, y])``.
 
-    ``forward(x, y)`` with ``x`` ``[B, dx]`` and ``y`` ``[B, dy]`` (1-D inputs are read as one
-    column) returns ``(estimate scalar tensor, loss)``. Negatives pair ``x`` with permuted ``y``.
+    Entry points (see :mod:`mmim_ext.estimators.base`): ``critic_loss(x, y)``,
+    ``penalty(x, y, *, coef=1.0)``, ``evaluate(x, y)`` and ``forward``, with ``x`` ``[B, dx]`` and
+    ``y`` ``[B, dy]`` float (1-D inputs are read as one column); estimates are 0-d tensors in
+    nats. Negatives pair ``x`` with permuted ``y``.
     """
 
     def __init__(self, x_dim: int, y_dim: int, hidden: int = 64, layers: int = 2, estimator: str = "mine",
@@ -57,30 +59,46 @@ class VectorMINE(nn.Module):
             x, y = standardize(x), standardize(y)
         return x, y
 
-    def _scores(self, x, y, perms):
+    def _scores(self, x, y, perms, critic=None):
+        critic = self.critic if critic is None else critic
         B = x.shape[0]
-        joint = self.critic(torch.cat([x, y], 1))
+        joint = critic(torch.cat([x, y], 1))
         R = perms.shape[0]
         xm = x.unsqueeze(0).expand(R, B, -1)
-        marg = self.critic(torch.cat([xm, y[perms]], 2)).flatten(0, 1)
+        marg = critic(torch.cat([xm, y[perms]], 2)).flatten(0, 1)
         return joint, marg
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor):
-        x, y = self._prepare(x, y, "VectorMINE.forward")
+    def critic_loss(self, x: torch.Tensor, y: torch.Tensor):
+        """A critic update: ``(estimate, loss)``, both 0-d (nats)."""
+        x, y = self._prepare(x, y, "VectorMINE.critic_loss")
         perms = make_perms(x.shape[0], self.negatives, self.num_negatives, device=x.device)
         joint, marg = self._scores(x, y, perms)
         est, loss = bound_from_scores(self.estimator, joint, marg, ema=self._ema,
                                        training=self.training, clip=self.smile_clip)
         return est[0], loss[0]
 
+    def penalty(self, x: torch.Tensor, y: torch.Tensor, *, coef: float = 1.0):
+        """``(estimate, coef * estimate)`` through the frozen critic: the estimate (0-d, nats)
+        without gradient, the value (0-d) differentiable w.r.t. ``x`` and ``y`` only."""
+        coef = check_coef("VectorMINE.penalty", coef)
+        est = self._frozen(x, y, owner="VectorMINE.penalty")
+        return est.detach(), coef * est
+
+    def _frozen(self, x, y, *, owner="VectorMINE.forward"):
+        x, y = self._prepare(x, y, owner)
+        perms = make_perms(x.shape[0], self.negatives, self.num_negatives, device=x.device)
+        params = {k: p.detach() for k, p in self.critic.named_parameters()}
+        joint, marg = self._scores(x, y, perms, lambda z: torch.func.functional_call(self.critic, params, (z,)))
+        est, _ = bound_from_scores(self.estimator, joint, marg, training=False, clip=self.smile_clip)
+        return est[0]
+
     @torch.no_grad()
-    def evaluate(self, x, y, *, num_negatives: int = 64, seed: int | None = 0) -> float:
-        """Bound (nats) on held-out data with ``num_negatives`` cyclic shifts of ``y``."""
+    def evaluate(self, x, y, *, num_negatives: int = 64, seed: int | None = 0) -> torch.Tensor:
+        """Bound (nats, 0-d tensor) on held-out data with ``num_negatives`` cyclic shifts of ``y``."""
+        check_positive_int("VectorMINE.evaluate", "num_negatives", num_negatives)
         x, y = self._prepare(x, y, "VectorMINE.evaluate")
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         perms = make_perms(x.shape[0], "shift", min(num_negatives, x.shape[0] - 1), generator=gen, device=x.device)
         joint, marg = self._scores(x, y, perms)
         est, _ = bound_from_scores(self.estimator, joint, marg, training=False, clip=self.smile_clip)
-        return float(est[0])
-
-
+        return est[0]
