@@ -159,7 +159,7 @@ def _train_select(mod, train_inputs, evaluate: Callable[[], torch.Tensor], size:
                 order = torch.randperm(n_train, generator=gen)
                 for s in range(0, n_train - bs + 1, bs):  # drop the ragged tail: DV is biased on tiny batches
                     idx = order[s:s + bs]
-                    _, loss = mod(*(None if t is None else t[idx] for t in train_inputs))
+                    _, loss = mod.critic_loss(*(None if t is None else t[idx] for t in train_inputs))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-__all__ = ["bootstrap_bound", "pair_scores", "tuple_weights"]
+__all__ = ["bootstrap_bound", "pair_scores", "tuple_weights", "weighted_bounds"]
 
 # Negatives per chunk of the weighted sums ([num_bootstrap, chunk] weights at a time).
 _CHUNK = 1 << 15
@@ -70,36 +70,29 @@ def _bound(estimator: str, t_joint, lme):
     return t_joint - lme
 
 
-def bootstrap_bound(estimator: str, joint: torch.Tensor, marg: torch.Tensor, index: torch.Tensor, *,
-                    groups: torch.Tensor | None = None, num_bootstrap: int = 200, ci: float = 0.95,
-                    smile_clip: float = 5.0, generator: torch.Generator | None = None):
-    """Bound and percentile bootstrap interval from per-sample scores (nats).
+def weighted_bounds(estimator: str, joint: torch.Tensor, marg: torch.Tensor, index: torch.Tensor,
+                    weights: torch.Tensor, *, groups: torch.Tensor | None = None,
+                    smile_clip: float = 5.0) -> torch.Tensor:
+    """The bound for each row of sample multiplicities ``weights`` ``[nb, N]``: ``[nb, P]`` float64.
 
     Args:
         estimator: ``"mine"`` (Donsker-Varadhan), ``"nwj"`` or ``"smile"`` (marginal scores
             clipped to ``[-smile_clip, smile_clip]``).
         joint: ``[N, P]`` critic scores of the ``N`` held-out samples, ``P`` bounds at once.
         marg: ``[M, P]`` scores of ``M`` negatives.
-        index: ``[M, k]`` int64, the held-out samples each negative is built from.
+        index: ``[M, k]`` int64, the held-out samples each negative is built from; its weight is
+            the product of their multiplicities.
+        weights: ``[nb, N]`` non-negative multiplicities (small integers: they are multiplied in
+            float32, exact up to 2^24), each row summing to ``N``.
         groups: optional ``[N]`` int64 classes; then the bound is formed per class (joint
             samples of the class, negatives whose first sample is in it) and averaged with the
             class frequencies, as a class-conditional bound is.
-        num_bootstrap: replicates; ci: the interval's coverage level.
-
-    Returns:
-        ``(estimate [P], low [P], high [P])`` float64; ``estimate`` is the bound on the held-out
-        set itself (all multiplicities 1).
     """
     N, P = joint.shape
-    joint, marg = joint.double(), marg.double()
+    joint, marg, w = joint.double(), marg.double(), weights.double()
     if estimator == "smile":
         marg = marg.clamp(-smile_clip, smile_clip)
-    draws = torch.randint(0, N, (num_bootstrap, N), generator=generator)
-    w = torch.zeros(num_bootstrap, N, dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(num_bootstrap, N, dtype=torch.float64))
-    w = torch.cat([torch.ones(1, N, dtype=torch.float64), w])  # row 0: the held-out set itself
-    # [N, nb], rows gathered per negative; float32 holds the products of small counts exactly
-    wt = w.t().float().contiguous()
+    wt = w.t().float().contiguous()  # [N, nb]: rows gathered per negative
     if groups is None:
         groups = torch.zeros(N, dtype=torch.int64)
     marg_group = groups[index[:, 0]]
@@ -111,22 +104,39 @@ def bootstrap_bound(estimator: str, joint: torch.Tensor, marg: torch.Tensor, ind
         t_joint = (wg @ joint[in_g]) / share.clamp_min(1e-300)
         sel = (marg_group == g).nonzero().squeeze(1)
         shift = marg[sel].max(0).values  # [P]
-        s = torch.zeros(w.shape[0], P, dtype=torch.float64)
-        z = torch.zeros(w.shape[0], 1, dtype=torch.float64)
+        sz = torch.zeros(w.shape[0], P + 1, dtype=torch.float64)
         for start in range(0, sel.numel(), _CHUNK):
             rows = sel[start:start + _CHUNK]
             wm = tuple_weights(wt, index[rows])  # [Mc, nb]
             e = torch.cat([torch.exp(marg[rows] - shift), torch.ones(rows.numel(), 1, dtype=marg.dtype)], 1)
-            sz = (wm.t() @ e.float()).double()  # the weighted sums and (last column) the weights' sum
-            s += sz[:, :P]
-            z += sz[:, P:]
-        # A replicate that holds a class member but none of its negatives has no estimate of
-        # that class's log-mean-exp; it takes the held-out set's own value.
-        lme = torch.where(z > 0, torch.log(s.clamp_min(1e-300) / z.clamp_min(1e-300)) + shift, math.nan)
-        lme = torch.where(torch.isnan(lme), lme[:1].expand_as(lme), lme)
-        total += share / N * _bound(estimator, t_joint, lme)
+            sz += (wm.t() @ e.float()).double()  # the weighted sums and (last column) the weights' sum
+        s, z = sz[:, :P], sz[:, P:]
+        lme = torch.log(s.clamp_min(1e-300) / z.clamp_min(1e-300)) + shift
+        # A row that holds a class member but none of its negatives has no estimate of that
+        # class's log-mean-exp; it contributes nothing for the class (its share is then tiny).
+        term = torch.where(z > 0, _bound(estimator, t_joint, lme), torch.zeros_like(lme))
+        total += torch.where(share > 0, share / w.sum(1, keepdim=True) * term, torch.zeros_like(term))
+    return total
+
+
+def bootstrap_bound(estimator: str, joint: torch.Tensor, marg: torch.Tensor, index: torch.Tensor, *,
+                    groups: torch.Tensor | None = None, num_bootstrap: int = 200, ci: float = 0.95,
+                    smile_clip: float = 5.0, generator: torch.Generator | None = None):
+    """Bound and percentile bootstrap interval from per-sample scores (nats).
+
+    Arguments as :func:`weighted_bounds`; ``num_bootstrap`` resamples of the ``N`` held-out
+    samples (multinomial multiplicities), ``ci`` the interval's level.
+
+    Returns:
+        ``(estimate [P], low [P], high [P])`` float64; ``estimate`` is the bound on the held-out
+        set itself (all multiplicities 1).
+    """
+    N = joint.shape[0]
+    draws = torch.randint(0, N, (num_bootstrap, N), generator=generator)
+    w = torch.zeros(num_bootstrap, N, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(num_bootstrap, N, dtype=torch.float64))
+    w = torch.cat([torch.ones(1, N, dtype=torch.float64), w])  # row 0: the held-out set itself
+    total = weighted_bounds(estimator, joint, marg, index, w, groups=groups, smile_clip=smile_clip)
     alpha = (1.0 - ci) / 2.0
     reps = total[1:]
-    low = torch.quantile(reps, alpha, dim=0)
-    high = torch.quantile(reps, 1.0 - alpha, dim=0)
-    return total[0], low, high
+    return total[0], torch.quantile(reps, alpha, dim=0), torch.quantile(reps, 1.0 - alpha, dim=0)

@@ -73,7 +73,7 @@ class MarginalMap:
             return ((x - self.mean) / self.std).float()
         out = torch.empty_like(x)
         for j, (xs, z, (lo, hi)) in enumerate(zip(self.knots, self.values, self.slopes)):
-            out[:, j] = _interp(x[:, j], xs, z, lo, hi)
+            out[:, j] = _interp(x[:, j].contiguous(), xs, z, lo, hi)
         return out.float()
 
 
