@@ -62,11 +62,52 @@ def test_make_perms_are_permutations_within_class(negatives, conditional):
         assert perms.shape[0] == 5
     if conditional:
         assert torch.equal(labels[perms], labels.expand_as(perms))
-    if negatives != "shuffle":
-        # shifts never pair a sample with itself (classes with >= 2 members)
-        counts = torch.bincount(labels)[labels] if conditional else torch.full((B,), B)
-        fixed = perms == torch.arange(B)
-        assert not bool(fixed[:, counts > 1].any())
+    # no negative pairs a sample with itself (classes with >= 2 members)
+    counts = torch.bincount(labels)[labels] if conditional else torch.full((B,), B)
+    fixed = perms == torch.arange(B)
+    assert not bool(fixed[:, counts > 1].any())
+
+
+@pytest.mark.parametrize("negatives", ["shuffle", "shift", "all"])
+def test_make_perms_have_no_fixed_points_over_many_draws(negatives):
+    # Classes of sizes 1 (maps to itself, documented), 2, 3 and 11, and the unconditional batch:
+    # over 400 calls no sample is ever its own negative outside the singleton class.
+    labels = torch.tensor([3] + [0] * 2 + [1] * 3 + [2] * 11)
+    B = labels.numel()
+    g = torch.Generator().manual_seed(1)
+    for lab in (labels, None):
+        fixed = torch.zeros(B, dtype=torch.int64)
+        for _ in range(400):
+            perms = mmim_ext.make_perms(B, negatives, 2, lab, generator=g)
+            assert torch.equal(perms.sort(1).values, torch.arange(B).expand_as(perms))
+            if lab is not None:
+                assert torch.equal(lab[perms], lab.expand_as(perms))
+            fixed += (perms == torch.arange(B)).sum(0)
+        if lab is None:
+            assert int(fixed.sum()) == 0
+        else:
+            assert int(fixed[1:].sum()) == 0 and int(fixed[0]) == 400 * perms.shape[0]
+
+
+def test_shuffle_draws_every_derangement_uniformly():
+    # B = 4 has 9 derangements (six 4-cycles and three pairs of swaps); 9000 draws: each must
+    # appear about 1000 times (binomial sd 32; the bounds are 5 sd). A sampler of single cycles
+    # (Sattolo) or one that fixes fixed points by local swaps fails this.
+    from collections import Counter
+    from itertools import permutations
+
+    g = torch.Generator().manual_seed(2)
+    perms = mmim_ext.make_perms(4, "shuffle", 9000, generator=g)
+    seen = Counter(tuple(r) for r in perms.tolist())
+    derangements = {p for p in permutations(range(4)) if all(p[i] != i for i in range(4))}
+    assert set(seen) == derangements
+    assert all(840 <= n <= 1160 for n in seen.values()), seen
+    # Within classes: a class of 3 has two derangements, a class of 4 nine; all appear.
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 1])
+    perms = mmim_ext.make_perms(7, "shuffle", 3000, labels, generator=g)
+    c0 = {tuple(r) for r in perms[:, [0, 2, 4]].tolist()}
+    c1 = {tuple(r) for r in perms[:, [1, 3, 5, 6]].tolist()}
+    assert len(c0) == 2 and len(c1) == 9
 
 
 def test_make_perms_all_covers_every_other_sample():
