@@ -226,7 +226,7 @@ def _with_extras(result, ci_parts, mod, kw):
     return out
 
 
-def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 16, estimator: str = "mine",
+def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 48, estimator: str = "mine",
                          negatives: str = "shuffle", num_negatives: int = 8, per_pair: bool = True,
                          marginals: str = "gaussianize", batch_size: int = 500, lr: float = 5e-3,
                          max_epochs: int = 300, patience: int = 10, lr_decays: int = 2, min_delta: float = 1e-3,
