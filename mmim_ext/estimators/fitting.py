@@ -24,6 +24,7 @@ negatives (:mod:`mmim_ext.estimators.intervals`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -99,12 +100,14 @@ def _map_splits(kind: str, x: torch.Tensor, splits):
 
 
 class _BestCritic:
-    """The critic parameters at the best validation value seen, per element where every
-    parameter is stacked per element (independent per-pair critics), else as a whole by the mean."""
+    """The critic parameters at the best validation value seen: per element where every
+    parameter is stacked per element along ``dim`` (independent per-pair critics), else as a
+    whole, chosen by the mean over elements."""
 
-    def __init__(self, mod: torch.nn.Module, size: int):
+    def __init__(self, mod: torch.nn.Module, size: int, dim: int = 0):
         self.params = list(mod.parameters())
-        self.rowwise = size > 1 and all(p.dim() >= 1 and p.shape[0] == size for p in self.params)
+        self.dim = dim
+        self.rowwise = size > 1 and all(p.dim() > dim and p.shape[dim] == size for p in self.params)
         self.saved = [p.detach().clone() for p in self.params]
         self.value = torch.full((size,), -math.inf, dtype=torch.float64)
 
@@ -114,7 +117,8 @@ class _BestCritic:
         if self.rowwise:
             better = val > self.value
             for p, s in zip(self.params, self.saved):
-                s[better] = p.detach()[better]
+                s.index_copy_(self.dim, better.nonzero().squeeze(1), p.detach().index_select(
+                    self.dim, better.nonzero().squeeze(1)))
             gain = bool((val > self.value + min_delta).any())
             self.value = torch.maximum(self.value, val)
             return gain
@@ -132,7 +136,7 @@ class _BestCritic:
 
 
 def _train_select(mod, train_inputs, evaluate: Callable[[], torch.Tensor], size: int, gen: torch.Generator,
-                  kw: dict, desc: str, min_steps: int = 20) -> torch.Tensor:
+                  kw: dict, desc: str, min_steps: int = 20, element_dim: int = 0) -> torch.Tensor:
     """Adam on ``mod``'s own loss over minibatches of ``train_inputs`` (tensors indexed by
     sample, or ``None``); after every epoch ``evaluate()`` ``[size]`` on the validation split.
 
@@ -142,7 +146,7 @@ def _train_select(mod, train_inputs, evaluate: Callable[[], torch.Tensor], size:
     """
     n_train = train_inputs[0].shape[0]
     bs = min(kw["batch_size"], n_train)
-    best = _BestCritic(mod, size)
+    best = _BestCritic(mod, size, element_dim)
     lr, decays_left, stale = float(kw["lr"]), kw["lr_decays"], 0
     opt = critic_adam(mod.parameters(), lr)
     bar = None
@@ -269,13 +273,19 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 48, estima
     check_positive_int(owner, "val_negatives", val_negatives)
     (h_tr, h_va, h_te), (y_tr, y_va, y_te), gen = _prepare_units(owner, h, labels, kw)
     m = h_tr.shape[1]
+    # Label-aware critics for the conditional MI: its optimal critic depends on the class.
+    cond = {} if labels is None else {"num_classes": max(2, int(torch.as_tensor(labels).max()) + 1)}
+    if "num_classes" not in inspect.signature(PairwiseMINE).parameters:  # until PairwiseMINE has them
+        cond = {}
     mod = PairwiseMINE(m, hidden=hidden, per_pair=per_pair, pairs=pairs, estimator=estimator,
-                       negatives=negatives, num_negatives=num_negatives, standardize=False, backend=backend)
+                       negatives=negatives, num_negatives=num_negatives, standardize=False, backend=backend, **cond)
 
     def evaluate(x, y):
         return mod.evaluate(x, y, negatives="shift", num_negatives=val_negatives)
 
-    _train_select(mod, (h_tr, y_tr), lambda: evaluate(h_va, y_va), mod.num_pairs, gen, kw, owner)
+    # per-pair critics are stacked along dim 0, or dim 1 after the class dim of conditional ones
+    _train_select(mod, (h_tr, y_tr), lambda: evaluate(h_va, y_va), mod.num_pairs, gen, kw, owner,
+                  element_dim=1 if cond else 0)
     ci_parts = ()
     if not return_ci:
         evaluate(h_te, y_te)
@@ -298,6 +308,8 @@ def _symmetric(mod, values) -> torch.Tensor:
 def _pairwise_ci(mod, h, labels, kw):
     """Test bound and bootstrap interval per pair, in chunks of pairs that bound the score memory."""
     N = h.shape[0]
+    # a conditional module's bound is the class-frequency average of per-class bounds
+    cond = labels is not None and getattr(mod, "num_classes", None) is not None
     # the negatives PairwiseMINE.evaluate draws (its default seed), so the estimate is the same
     perms = make_perms(N, "shift", min(kw["val_negatives"], N - 1), labels, device=h.device,
                        generator=torch.Generator().manual_seed(0))
@@ -309,9 +321,10 @@ def _pairwise_ci(mod, h, labels, kw):
     parts = []
     for s in range(0, P, chunk):
         pair_index = torch.arange(s, min(P, s + chunk))
-        joint, marg = pair_scores(mod, h, perms, pair_index)
+        joint, marg = pair_scores(mod, h, perms, pair_index, labels if cond else None)
         state = gen.get_state()  # the same resamples for every chunk of pairs
-        parts.append(bootstrap_bound(kw["estimator"], joint, marg.reshape(R * N, -1), index, groups=None,
+        parts.append(bootstrap_bound(kw["estimator"], joint, marg.reshape(R * N, -1), index,
+                                     groups=labels if cond else None,
                                      num_bootstrap=kw["num_bootstrap"], ci=kw["ci"], smile_clip=mod.smile_clip,
                                      generator=gen))
         gen.set_state(state)

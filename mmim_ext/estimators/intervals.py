@@ -29,24 +29,34 @@ __all__ = ["bootstrap_bound", "pair_scores", "tuple_weights", "weighted_bounds"]
 _CHUNK = 1 << 15
 
 
-def pair_scores(mod, h: torch.Tensor, perms: torch.Tensor, pair_index: torch.Tensor):
+def pair_scores(mod, h: torch.Tensor, perms: torch.Tensor, pair_index: torch.Tensor,
+                labels: torch.Tensor | None = None):
     """Per-sample scores of a :class:`~mmim_ext.estimators.pairwise.PairwiseMINE`'s critics.
 
     The critic of the class docstring, ``c + sum_k v_k relu(wa_k a + wb_k b + b_k)``, evaluated
-    in PyTorch (the fused op returns only the per-pair averages).
+    in PyTorch (the fused op returns only the per-pair averages). A conditional module
+    (``num_classes`` set) scores each sample, and each negative, with the critic of the class
+    of its first sample (``labels`` required; negatives are drawn within classes).
 
     Args:
         h: ``[N, m]`` prepared features (what the module's critics see).
         perms: ``[R, N]`` int64 negatives.
         pair_index: ``[S]`` int64, which of the module's pairs.
+        labels: ``[N]`` int64 classes, for a conditional module.
 
     Returns:
         ``joint [N, S]`` and ``marg [R, N, S]`` in ``h``'s dtype (nats of the critic's scale).
     """
     pairs = mod.pairs[pair_index]
     sel = pair_index if mod.per_pair else torch.zeros_like(pair_index)
-    wa, wb, bias, v = (p.detach()[sel].to(h.dtype) for p in (mod.wa, mod.wb, mod.b, mod.v))
-    c = mod.c.detach()[sel].to(h.dtype)
+    params = [p.detach() for p in (mod.wa, mod.wb, mod.b, mod.v, mod.c)]
+    if getattr(mod, "num_classes", None) is not None:
+        if labels is None:
+            raise ValueError("pair_scores: argument 'labels' is required for a conditional module")
+        # [C, P, ...] -> the sample's class's critic, [N, S, K] and [N, S]
+        wa, wb, bias, v, c = (p[:, sel][labels].to(h.dtype) for p in params)
+    else:
+        wa, wb, bias, v, c = (p[sel].to(h.dtype) for p in params)
     a, b = h[:, pairs[:, 0]], h[:, pairs[:, 1]]
 
     def score(x, y):
