@@ -87,14 +87,25 @@ class MMIMRegularizer(nn.Module):
             of product-of-marginals draws in ``"total"`` mode.
         max_pairs: evaluate a random subset of this many pairs per call (``None``: all).
         ema, smile_clip: see :class:`mmim_ext.PairwiseMINE`.
+        seed: seed of the regularizer's own generator (pair subsets) and of its critics'
+            generators (negatives: ``seed + 1`` for C4, ``seed + 2`` for C5); ``None`` draws them
+            from PyTorch's global generator.
         backend: forwarded to :func:`mmim_ext.pair_stats`.
+
+    C5's critics see the label (``num_classes``: class-specific pairwise critics, or a joint
+    critic on ``[h, onehot(y)]`` in ``"total"`` mode); see :class:`mmim_ext.PairwiseMINE` for
+    their memory cost (``C``-fold that of C4's critics).
+
+    ``state_dict()`` holds everything a run needs to continue bitwise as if it had not stopped:
+    the critics, their moving averages, the critic optimizer's state and the random state of
+    the pair subsets and negatives (``get_extra_state``).
     """
 
     def __init__(self, num_units: int, num_classes: int, *, c4: float = 1.0, c5: float = 1.0, c6: float = 1.0,
                  mode: str = "pairwise", hidden: int = 16, tc_hidden: int = 64, tc_layers: int = 2,
                  critic_lr: float = 1e-3, critic_steps: int = 1, estimator: str = "mine",
                  negatives: str = "shuffle", num_negatives: int = 1, max_pairs: int | None = None,
-                 ema: float = 0.01, smile_clip: float = 5.0, backend: str = "auto"):
+                 ema: float = 0.01, smile_clip: float = 5.0, seed: int | None = None, backend: str = "auto"):
         super().__init__()
         owner = "MMIMRegularizer"
         check_positive_int(owner, "num_units", num_units, 2)
@@ -117,23 +128,38 @@ class MMIMRegularizer(nn.Module):
         self.mode = mode
         self.critic_steps = critic_steps
         self.max_pairs = max_pairs if mode == "pairwise" else None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"{owner}: argument 'seed' must be None or an int >= 0, got {seed!r}")
 
-        def redundancy():
+        def redundancy(conditional, offset):
+            sub_seed = None if seed is None else seed + offset
+            classes = num_classes if conditional else None
             if mode == "pairwise":
                 return PairwiseMINE(num_units, hidden=hidden, estimator=estimator, negatives=negatives,
                                     num_negatives=num_negatives, ema=ema, smile_clip=smile_clip,
-                                    backend=backend)
+                                    num_classes=classes, seed=sub_seed, backend=backend)
             return TotalCorrelationMINE(num_units, hidden=tc_hidden, layers=tc_layers, estimator=estimator,
-                                        num_negatives=num_negatives, ema=ema, smile_clip=smile_clip)
+                                        num_negatives=num_negatives, ema=ema, smile_clip=smile_clip,
+                                        num_classes=classes, seed=sub_seed)
 
-        # I(h) and I(h|Y) have different optimal critics (log p(a,b)/p(a)p(b) vs the same
-        # ratio within a class), so they get separate critics.
-        self.c4_critic = redundancy() if c4 != 0 else None
-        self.c5_critic = redundancy() if c5 != 0 else None
+        # I(h) and I(h|Y) have different optimal critics (log p(a,b)/p(a)p(b) vs the ratio
+        # within each class, which depends on the class), so they get separate critics and C5's
+        # see the label.
+        self.c4_critic = redundancy(False, 1) if c4 != 0 else None
+        self.c5_critic = redundancy(True, 2) if c5 != 0 else None
         self.c6_critic = (UnitLabelMINE(num_units, num_classes, hidden=hidden, estimator=estimator, ema=ema,
                                         smile_clip=smile_clip) if c6 != 0 else None)
         self.critic_optimizer = critic_adam(self.parameters(), critic_lr)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else seed)
         self.terms: dict[str, float] = {}
+
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state(), "critic_optimizer": self.critic_optimizer.state_dict()}
+
+    def set_extra_state(self, state) -> None:
+        self.generator.set_state(state["generator"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def _pair_index(self, device):
         if self.max_pairs is None:
@@ -141,7 +167,7 @@ class MMIMRegularizer(nn.Module):
         P = self.num_units * (self.num_units - 1) // 2
         if self.max_pairs >= P:
             return None, 1.0
-        idx = torch.randperm(P, device=device)[: self.max_pairs]
+        idx = torch.randperm(P, generator=self.generator)[: self.max_pairs].to(device)
         return idx, P / self.max_pairs
 
     def _terms(self):

@@ -172,41 +172,77 @@ def test_pair_index_and_shared_critic():
     assert est.shape == (6,) and loss.dim() == 0 and shared.wa.shape == (1, 4)
 
 
+def expected_pairwise(mod, h, labels, pair_index, generator, negatives=None, num_negatives=None):
+    """PairwiseMINE's estimates written out from the op (reference backend): the batch
+    standardized, split by class (classes with >= 2 samples, weights = their batch frequencies
+    renormalized), each class scored by its own critics on its rows with negatives drawn by
+    make_perms from ``generator`` in class order. Differentiable w.r.t. h."""
+    from mmim_ext.estimators.bounds import standardize
+
+    negatives = negatives or mod.negatives
+    R = num_negatives or mod.num_negatives
+    hs = standardize(h) if mod.standardize else h
+    pairs = mod.pairs if pair_index is None else mod.pairs[pair_index]
+    params = [p.detach() for p in (mod.wa, mod.wb, mod.b, mod.v, mod.c)]
+    if mod.num_classes is None:
+        groups = [(None, torch.arange(h.shape[0]), 1.0)]
+    else:
+        counts = torch.bincount(labels, minlength=mod.num_classes)
+        keep = [y for y in range(mod.num_classes) if counts[y] >= 2]
+        total = float(sum(counts[y] for y in keep))
+        groups = [(y, (labels == y).nonzero().squeeze(1), float(counts[y]) / total) for y in keep]
+    est = 0.0
+    for y, rows, w in groups:
+        ps = params if y is None else [p[y] for p in params]
+        ps = [p[0] for p in ps] if not mod.per_pair else [p if pair_index is None else p[pair_index] for p in ps]
+        r = R if negatives == "shuffle" or y is None else min(R, rows.numel() - 1)
+        perms = mmim_ext.make_perms(rows.numel(), negatives, r, generator=generator)
+        t, l = mmim_ext.pair_stats(hs[rows], *ps, perms, pairs, backend="reference")
+        est = est + w * (t - torch.exp(l - 1) if mod.estimator == "nwj" else t - l)
+    return est
+
+
+def generator_copy(mod):
+    g = torch.Generator()
+    g.set_state(mod.generator.get_state())
+    return g
+
+
+UNEVEN = torch.tensor([0] * 30 + [1] * 17 + [2])  # class 2 has one sample: skipped, weights over 47
+
+
 @pytest.mark.parametrize("estimator", ["mine", "nwj"])
 @pytest.mark.parametrize("per_pair", [True, False])
 @pytest.mark.parametrize("subset", [False, True])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_penalty_matches_the_frozen_forward(estimator, per_pair, subset, conditional):
-    # penalty() (for "mine" through pair_stats_linear's one pass) against the general path it
-    # replaces: coef * forward(compute_loss=False)[0].sum(), same value, gradient w.r.t. h and
-    # recorded estimates; no gradient reaches the critics and the EMA is left alone.
+def test_penalty_matches_the_op(estimator, per_pair, subset, conditional):
+    # penalty() (for "mine" through pair_stats_linear's one pass, per class for a conditional
+    # module) against the estimates written out from the op with the same negatives: value,
+    # gradient w.r.t. h and recorded estimates; no gradient reaches the critics and the moving
+    # average is left alone.
     B, m, coef = 48, 5, -2.5
     g = torch.Generator().manual_seed(3)
     h = torch.randn(B, m, generator=g, dtype=torch.float64).requires_grad_(True)
-    labels = torch.arange(B) % 3 if conditional else None
+    labels = UNEVEN[torch.randperm(B, generator=g)] if conditional else None
     idx = torch.tensor([7, 0, 4]) if subset else None
     torch.manual_seed(0)
-    mod = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator)
+    mod = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator,
+                                num_classes=3 if conditional else None, seed=11).double()
     ema_before = None if mod._ema is None else mod._ema.log_acc.clone()
-    torch.manual_seed(1)  # the same negatives for both calls
-    est0, loss0 = mod(h, labels, idx, compute_loss=False)
-    want = coef * est0.sum()
-    (g_want,) = torch.autograd.grad(want, h)
-    last0 = mod.last.clone()
-    mod.last.zero_()
-    torch.manual_seed(1)
-    est1, value = mod.penalty(h, labels, idx, coef=coef)
+    want = expected_pairwise(mod, h, labels, idx, generator_copy(mod))
+    (g_want,) = torch.autograd.grad(coef * want.sum(), h)
+    est, value = mod.penalty(h, labels, idx, coef=coef)
     (g_got,) = torch.autograd.grad(value, h)
-    assert loss0 is None and value.dim() == 0 and not est1.requires_grad
-    assert torch.allclose(value, want, rtol=1e-10, atol=1e-12)
+    assert value.dim() == 0 and not est.requires_grad
+    assert torch.allclose(value, coef * want.sum(), rtol=1e-10, atol=1e-12)
     assert torch.allclose(g_got, g_want, rtol=1e-9, atol=1e-12)
-    assert torch.allclose(est1, est0.detach(), rtol=1e-10, atol=1e-12)
-    assert torch.equal(mod.last, last0)
+    assert torch.allclose(est, want.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(mod.last if idx is None else mod.last[idx], want.detach(), rtol=1e-10, atol=1e-12)
     assert all(p.grad is None for p in mod.parameters())
     if ema_before is not None:
         assert torch.equal(mod._ema.log_acc, ema_before)
     with pytest.raises(ValueError, match="'coef'"):
-        mod.penalty(h, coef=float("nan"))
+        mod.penalty(h, labels, coef=float("nan"))
 
 
 @pytest.mark.parametrize("estimator, training, backend", [("mine", True, "auto"), ("mine", False, "auto"),
@@ -231,18 +267,17 @@ def test_critic_loss_matches_the_reference_path(estimator, training, backend, pe
         monkeypatch.setattr(estimators, name, lambda *a, _r=real, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1) or _r(*a, **k))
     B, m = 40, 5
     g = torch.Generator().manual_seed(6)
-    labels = torch.arange(B) % 3 if conditional else None
+    labels = torch.cat([UNEVEN[:B - 1].roll(7), UNEVEN[-1:]]) if conditional else None
     idx = torch.tensor([7, 0, 4]) if subset else None
     torch.manual_seed(0)
-    mod = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator, backend=backend)
+    mod = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator, backend=backend,
+                                num_classes=3 if conditional else None)
     mod = mod.double().train(training)
-    ref = copy.deepcopy(mod)
+    ref = copy.deepcopy(mod)  # the same generator state: the same negatives
     ref.backend = "reference"
     for step in range(3):
         h = torch.randn(B, m, generator=g, dtype=torch.float64)
-        torch.manual_seed(100 + step)  # the same negatives for both
         est0, loss0 = ref.critic_loss(h, labels, idx)
-        torch.manual_seed(100 + step)
         est1, loss1 = mod.critic_loss(h, labels, idx)
         for x in (ref, mod):
             x.zero_grad(set_to_none=True)
@@ -255,9 +290,10 @@ def test_critic_loss_matches_the_reference_path(estimator, training, backend, pe
         for b0, b1 in zip(ref.buffers(), mod.buffers()):
             assert torch.equal(b0.isfinite(), b1.isfinite())
             assert torch.allclose(b1[b1.isfinite()], b0[b0.isfinite()], rtol=1e-12, atol=1e-12)
-    # the path the case names ran
-    assert calls["mine"] == (3 if one_pass and training else 0)
-    assert calls["linear"] == (3 if one_pass and not training else 0)
+    # the path the case names ran (once per class with two or more samples)
+    calls_per_step = 2 if conditional else 1
+    assert calls["mine"] == (3 * calls_per_step if one_pass and training else 0)
+    assert calls["linear"] == (3 * calls_per_step if one_pass and not training else 0)
 
 
 def test_forward_dispatches_on_what_autograd_needs():
@@ -307,7 +343,7 @@ def test_every_estimator_has_the_same_entry_points(kind):
     assert all(p.grad is not None for p in mod.parameters())
     mod.zero_grad(set_to_none=True)
     h.grad = None
-    torch.manual_seed(3)
+    state = mod.state_dict()["_extra_state"]  # the random state of the negatives
     est, value = mod.penalty(*args, coef=-1.5)
     assert est.shape == shape and not est.requires_grad and value.dim() == 0
     assert torch.allclose(value, -1.5 * est.sum(), rtol=1e-6)
@@ -316,7 +352,7 @@ def test_every_estimator_has_the_same_entry_points(kind):
     ev = mod.evaluate(*args)
     assert isinstance(ev, torch.Tensor) and ev.shape == shape and not ev.requires_grad
     with torch.no_grad():
-        torch.manual_seed(3)
+        mod.set_extra_state(state)
         est2, value2 = mod(*args)  # no autograd: the penalty
     assert torch.allclose(est2, est) and torch.allclose(value2, est.sum())
     with pytest.warns(DeprecationWarning):

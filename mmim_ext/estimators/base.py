@@ -18,6 +18,17 @@ Callers say what they want, never which kernel runs:
     ``critic_loss`` when autograd is recording and a critic parameter requires grad, otherwise
     ``penalty``. ``forward(..., compute_loss=False)`` is a deprecated alias of the frozen estimate
     (it returns ``(estimates with gradient w.r.t. the features, None)`` as before).
+
+Every entry point checks its inputs (shapes, dtypes, finite values, label range) before it draws
+a negative sample or touches a critic statistic, so a bad batch (a NaN from a diverging model)
+raises a ``ValueError`` naming the argument and leaves the module's state as it was.
+
+Random state: an estimator that draws negatives owns a ``torch.Generator`` (``seed=`` at
+construction; ``None`` seeds it from PyTorch's global generator, so ``torch.manual_seed`` before
+construction still makes a run reproducible). Its state is part of ``state_dict()`` (through
+``get_extra_state``), so that stopping after k training calls, saving, building a fresh module,
+loading and continuing gives bitwise the same estimates, critics and moving averages as not
+stopping.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["MIEstimator", "check_coef"]
+__all__ = ["MIEstimator", "check_coef", "check_finite"]
 
 
 class MIEstimator(nn.Module):
@@ -37,6 +48,24 @@ class MIEstimator(nn.Module):
     Subclasses implement ``critic_loss``, ``penalty``, ``evaluate`` and ``_frozen`` (the
     estimates through detached critics, differentiable w.r.t. the features).
     """
+
+    generator: torch.Generator | None = None
+
+    def _init_random(self, owner: str, seed) -> None:
+        """The module's own random source for negatives (see the module docstring)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{owner}: argument 'seed' must be None or an int >= 0, got {seed!r}")
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed)
+
+    def get_extra_state(self):
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state) -> None:
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
 
     def critics_trainable(self) -> bool:
         """Whether a call now should train the critics: autograd is recording and at least one
@@ -68,6 +97,12 @@ class MIEstimator(nn.Module):
 
     def _frozen(self, *args, **kwargs):  # pragma: no cover
         raise NotImplementedError
+
+
+def check_finite(owner: str, name: str, t: torch.Tensor) -> None:
+    """A ``ValueError`` naming the argument when ``t`` holds a NaN or an infinity."""
+    if not bool(torch.isfinite(t.detach()).all()):
+        raise ValueError(f"{owner}: argument '{name}' contains NaN or infinite values")
 
 
 def check_coef(owner: str, coef) -> float:

@@ -138,12 +138,9 @@ def _random_derangements(lab: torch.Tensor, rows: int, generator) -> torch.Tenso
 
 
 def product_of_marginals(h: torch.Tensor, labels, num_draws: int, generator=None) -> torch.Tensor:
-    """``num_draws`` samples of the batch with every column permuted independently (within class
-    when ``labels`` is given): ``[num_draws * B, m]``."""
+    """``num_draws`` samples of the batch with every column permuted independently by a random
+    derangement (within class when ``labels`` is given): ``[num_draws * B, m]``, draw by draw."""
     B, m = h.shape
-    draws = []
-    for _ in range(num_draws):
-        perms = make_perms(B, "shuffle", m, labels, device=h.device, generator=generator)  # [m, B]
-        draws.append(torch.gather(h, 0, perms.t()))
-    return torch.cat(draws, 0)
-
+    perms = make_perms(B, "shuffle", m * num_draws, labels, device=h.device, generator=generator)
+    perms = perms.view(num_draws, m, B).transpose(1, 2)  # [draws, B, m]: row n, column i <- perms[i, n]
+    return torch.gather(h.unsqueeze(0).expand(num_draws, B, m), 1, perms).reshape(num_draws * B, m)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
-from mmim_ext.estimators.base import MIEstimator, check_coef
+from mmim_ext.estimators.base import MIEstimator, check_coef, check_finite
 from mmim_ext.estimators.bounds import BOUNDS, LogEMA, mine_loss, nwj_bound, standardize
 from mmim_ext.ops import label_critic_scores
 
@@ -65,6 +65,7 @@ class UnitLabelMINE(MIEstimator):
 
     def _prepare(self, h, labels, owner):
         check_features(owner, "h", h, self.num_units)
+        check_finite(owner, "h", h)
         if labels is None:
             raise ValueError(f"{owner}: argument 'labels' is required (I(Y; h_i) needs the labels)")
         check_labels(owner, labels, h.shape[0], self.num_classes)
