@@ -71,13 +71,25 @@ def test_split_fraction_checks():
 # intervals
 
 
-@pytest.mark.parametrize("fn", ["pairwise", "vector", "tc"])
+def _sign_classes(n, seed):
+    """Two equiprobable classes, correlation +0.8 in one and -0.8 in the other."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    h = _pair(n, 0.8, seed)
+    return torch.stack([h[:, 0], torch.where(y == 1, h[:, 1], -h[:, 1])], 1), y
+
+
+@pytest.mark.parametrize("fn", ["pairwise", "vector", "tc", "pairwise_cond", "tc_cond"])
 def test_return_ci_gives_the_same_estimate_inside_its_interval(fn):
     h = _pair(1200, 0.7, 1)
     kw = dict(seed=0, **FAST)
-    if fn == "pairwise":
-        plain = mmim_ext.estimate_pairwise_mi(h, **kw)
-        est, lo, hi = mmim_ext.estimate_pairwise_mi(h, return_ci=True, **kw)
+    labels = ()
+    if fn.endswith("_cond"):
+        h, y = _sign_classes(1200, 1)
+        labels = (y,)
+    if fn.startswith("pairwise"):
+        plain = mmim_ext.estimate_pairwise_mi(h, *labels, **kw)
+        est, lo, hi = mmim_ext.estimate_pairwise_mi(h, *labels, return_ci=True, **kw)
         assert lo.shape == hi.shape == est.shape == (2, 2)
         assert torch.equal(lo, lo.t()) and float(hi.diagonal().abs().max()) == 0.0
         plain, est, lo, hi = (float(t[0, 1]) for t in (plain, est, lo, hi))
@@ -85,10 +97,13 @@ def test_return_ci_gives_the_same_estimate_inside_its_interval(fn):
         plain = mmim_ext.estimate_mi(h[:, :1], h[:, 1:], **kw)
         est, lo, hi = mmim_ext.estimate_mi(h[:, :1], h[:, 1:], return_ci=True, **kw)
     else:
-        plain = mmim_ext.estimate_total_correlation(h, **kw)
-        est, lo, hi = mmim_ext.estimate_total_correlation(h, return_ci=True, **kw)
-    # the interval's own estimate is the module's evaluate on the same negatives
+        plain = mmim_ext.estimate_total_correlation(h, *labels, **kw)
+        est, lo, hi = mmim_ext.estimate_total_correlation(h, *labels, return_ci=True, **kw)
+    # the interval's own estimate is the module's evaluate on the same negatives (with labels:
+    # label-aware critics, per-class bounds weighted by the class frequencies)
     assert abs(est - plain) < 1e-4, (est, plain)
+    if labels:  # the conditional MI is 0.511 nats; a label-blind critic finds about 0.18
+        assert est > 0.35, est
     assert lo < est < hi and hi - lo < 0.5, (lo, est, hi)
 
 
@@ -172,18 +187,41 @@ def test_pair_scores_match_the_op():
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
     h = torch.randn(64, 4, generator=g)
+    perms = make_perms(64, "shift", 7, generator=g)
+    index = torch.stack([torch.arange(64).repeat(7), perms.reshape(-1)], 1)
     for per_pair in (True, False):
         mod = mmim_ext.PairwiseMINE(4, hidden=5, per_pair=per_pair, standardize=False)
         with torch.no_grad():
             for p in mod.parameters():
                 p.normal_(generator=g)
-        perms = make_perms(64, "shift", 7, generator=g)
-        idx = torch.arange(mod.num_pairs)
-        joint, marg = pair_scores(mod, h, perms, idx)
-        t, lme = mmim_ext.pair_stats(h, *(p.detach() if p.shape[0] > 1 or per_pair else p.detach()[0]
-                                          for p in (mod.wa, mod.wb, mod.b, mod.v, mod.c)), perms, mod.pairs)
+        joint, marg = pair_scores(mod, h, index, torch.arange(mod.num_pairs))
+        params = [p.detach() if per_pair else p.detach()[0] for p in (mod.wa, mod.wb, mod.b, mod.v, mod.c)]
+        t, lme = mmim_ext.pair_stats(h, *params, perms, mod.pairs)
         assert torch.allclose(joint.mean(0), t, atol=1e-4)
-        assert torch.allclose(torch.logsumexp(marg.flatten(0, 1), 0) - math.log(marg.shape[0] * 64), lme, atol=1e-4)
+        assert torch.allclose(torch.logsumexp(marg, 0) - math.log(marg.shape[0]), lme, atol=1e-4)
+
+
+def test_pair_scores_of_conditional_critics_use_the_class_critic():
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    h = torch.randn(50, 3, generator=g)
+    labels = torch.randint(0, 3, (50,), generator=g)
+    mod = mmim_ext.PairwiseMINE(3, hidden=4, standardize=False, num_classes=3)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(generator=g)
+    index = torch.randint(0, 50, (30, 2), generator=g)
+    joint, marg = pair_scores(mod, h, index, torch.tensor([2, 0]), labels)
+    for k, p in enumerate((2, 0)):
+        i, j = mod.pairs[p].tolist()
+        for n in (0, 7):
+            y = int(labels[n])
+            z = torch.relu(h[n, i] * mod.wa[y, p] + h[n, j] * mod.wb[y, p] + mod.b[y, p])
+            assert torch.allclose(joint[n, k], (z * mod.v[y, p]).sum() + mod.c[y, p], atol=1e-5)
+        a, b = index[5].tolist()
+        y = int(labels[a])
+        z = torch.relu(h[a, i] * mod.wa[y, p] + h[b, j] * mod.wb[y, p] + mod.b[y, p])
+        assert torch.allclose(marg[5, k], (z * mod.v[y, p]).sum() + mod.c[y, p], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ negatives (:mod:`mmim_ext.estimators.intervals`).
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Callable
 
@@ -275,8 +274,6 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 48, estima
     m = h_tr.shape[1]
     # Label-aware critics for the conditional MI: its optimal critic depends on the class.
     cond = {} if labels is None else {"num_classes": max(2, int(torch.as_tensor(labels).max()) + 1)}
-    if "num_classes" not in inspect.signature(PairwiseMINE).parameters:  # until PairwiseMINE has them
-        cond = {}
     mod = PairwiseMINE(m, hidden=hidden, per_pair=per_pair, pairs=pairs, estimator=estimator,
                        negatives=negatives, num_negatives=num_negatives, standardize=False, backend=backend, **cond)
 
@@ -304,27 +301,43 @@ def _symmetric(mod, values) -> torch.Tensor:
     return out
 
 
+def _shift_negatives(N: int, labels, num: int, conditional: bool) -> torch.Tensor:
+    """``[M, 2]`` sample indices of the negatives that ``PairwiseMINE.evaluate`` draws with its
+    default seed: ``num`` cyclic shifts, within each class (in class order) for a conditional
+    module, so that the bootstrap's estimate is the module's."""
+    gen = torch.Generator().manual_seed(0)
+    if not conditional:
+        perms = make_perms(N, "shift", min(num, N - 1), generator=gen)
+        return torch.stack([torch.arange(N).repeat(perms.shape[0]), perms.reshape(-1)], 1)
+    parts = []
+    for y in torch.unique(labels).tolist():
+        rows = (labels == y).nonzero().squeeze(1)
+        n = rows.numel()
+        if n < 2:
+            continue  # no negative within the class: PairwiseMINE skips it too
+        perms = make_perms(n, "shift", min(num, n - 1), generator=gen)
+        parts.append(torch.stack([rows.repeat(perms.shape[0]), rows[perms.reshape(-1)]], 1))
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def _pairwise_ci(mod, h, labels, kw):
     """Test bound and bootstrap interval per pair, in chunks of pairs that bound the score memory."""
     N = h.shape[0]
-    # a conditional module's bound is the class-frequency average of per-class bounds
     cond = labels is not None and getattr(mod, "num_classes", None) is not None
-    # the negatives PairwiseMINE.evaluate draws (its default seed), so the estimate is the same
-    perms = make_perms(N, "shift", min(kw["val_negatives"], N - 1), labels, device=h.device,
-                       generator=torch.Generator().manual_seed(0))
-    R = perms.shape[0]
-    index = torch.stack([torch.arange(N).repeat(R), perms.reshape(-1)], 1)
+    index = _shift_negatives(N, labels, kw["val_negatives"], cond)
+    groups = None
+    if cond:  # the class-frequency average of per-class bounds, over classes with negatives
+        groups = labels
     P = mod.num_pairs
-    chunk = max(1, (1 << 22) // (R * N))
+    chunk = max(1, (1 << 22) // index.shape[0])
     gen = _boot_generator(kw["seed"])
     parts = []
     for s in range(0, P, chunk):
         pair_index = torch.arange(s, min(P, s + chunk))
-        joint, marg = pair_scores(mod, h, perms, pair_index, labels if cond else None)
+        joint, marg = pair_scores(mod, h, index, pair_index, labels if cond else None)
         state = gen.get_state()  # the same resamples for every chunk of pairs
-        parts.append(bootstrap_bound(kw["estimator"], joint, marg.reshape(R * N, -1), index,
-                                     groups=labels if cond else None,
+        parts.append(bootstrap_bound(kw["estimator"], joint, marg, index, groups=groups,
                                      num_bootstrap=kw["num_bootstrap"], ci=kw["ci"], smile_clip=mod.smile_clip,
                                      generator=gen))
         gen.set_state(state)
@@ -359,8 +372,10 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
     check_positive_int(owner, "val_draws", val_draws)
     (h_tr, h_va, h_te), (y_tr, y_va, y_te), gen = _prepare_units(owner, h, labels, kw)
     m = h_tr.shape[1]
+    # a conditional critic sees the label: the optimal one depends on the class
+    cond = {} if labels is None else {"num_classes": max(2, int(torch.as_tensor(labels).max()) + 1)}
     mod = TotalCorrelationMINE(m, hidden=hidden, layers=layers, estimator=estimator, num_negatives=num_negatives,
-                               standardize=False)
+                               standardize=False, **cond)
 
     def evaluate():
         return torch.as_tensor(mod.evaluate(h_va, y_va, num_draws=val_draws)).reshape(1)
@@ -370,12 +385,18 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
         return _with_extras(float(mod.evaluate(h_te, y_te, num_draws=val_draws)), (), mod, kw)
     with torch.no_grad():
         N = h_te.shape[0]
-        g = torch.Generator().manual_seed(0)
-        # each draw permutes every column independently (within class with labels)
-        index = torch.cat([make_perms(N, "shuffle", m, y_te, generator=g).t() for _ in range(val_draws)])
-        marg_h = torch.gather(h_te.repeat(val_draws, 1), 0, index)
-        joint = mod.critic(h_te).reshape(N, 1)
-        marg = mod.critic(marg_h).reshape(-1, 1)
+        # the draws TotalCorrelationMINE.evaluate makes with its default seed: every column
+        # permuted by its own derangement (within class with labels), draw by draw
+        perms = make_perms(N, "shuffle", m * val_draws, y_te, generator=torch.Generator().manual_seed(0))
+        index = perms.view(val_draws, m, N).transpose(1, 2).reshape(val_draws * N, m)
+        joint_in = h_te
+        marg_in = torch.gather(h_te.repeat(val_draws, 1), 0, index)
+        if cond:
+            onehot = torch.nn.functional.one_hot(y_te, cond["num_classes"]).to(h_te.dtype)
+            joint_in = torch.cat([joint_in, onehot], 1)
+            marg_in = torch.cat([marg_in, onehot.repeat(val_draws, 1)], 1)
+        joint = mod.critic(joint_in).reshape(N, 1)
+        marg = mod.critic(marg_in).reshape(-1, 1)
     est, low, high = bootstrap_bound(estimator, joint, marg, index, num_bootstrap=num_bootstrap, ci=ci,
                                      smile_clip=mod.smile_clip, generator=_boot_generator(seed))
     return _with_extras(float(est[0]), (float(low[0]), float(high[0])), mod, kw)

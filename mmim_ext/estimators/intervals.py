@@ -29,7 +29,7 @@ __all__ = ["bootstrap_bound", "pair_scores", "tuple_weights", "weighted_bounds"]
 _CHUNK = 1 << 15
 
 
-def pair_scores(mod, h: torch.Tensor, perms: torch.Tensor, pair_index: torch.Tensor,
+def pair_scores(mod, h: torch.Tensor, index: torch.Tensor, pair_index: torch.Tensor,
                 labels: torch.Tensor | None = None):
     """Per-sample scores of a :class:`~mmim_ext.estimators.pairwise.PairwiseMINE`'s critics.
 
@@ -40,29 +40,36 @@ def pair_scores(mod, h: torch.Tensor, perms: torch.Tensor, pair_index: torch.Ten
 
     Args:
         h: ``[N, m]`` prepared features (what the module's critics see).
-        perms: ``[R, N]`` int64 negatives.
+        index: ``[M, 2]`` int64, the negatives: unit ``i`` of sample ``index[:, 0]`` with unit
+            ``j`` of sample ``index[:, 1]``.
         pair_index: ``[S]`` int64, which of the module's pairs.
         labels: ``[N]`` int64 classes, for a conditional module.
 
     Returns:
-        ``joint [N, S]`` and ``marg [R, N, S]`` in ``h``'s dtype (nats of the critic's scale).
+        ``joint [N, S]`` and ``marg [M, S]`` in ``h``'s dtype (nats of the critic's scale).
     """
     pairs = mod.pairs[pair_index]
     sel = pair_index if mod.per_pair else torch.zeros_like(pair_index)
     params = [p.detach() for p in (mod.wa, mod.wb, mod.b, mod.v, mod.c)]
-    if getattr(mod, "num_classes", None) is not None:
+    conditional = getattr(mod, "num_classes", None) is not None
+    if conditional:
         if labels is None:
             raise ValueError("pair_scores: argument 'labels' is required for a conditional module")
-        # [C, P, ...] -> the sample's class's critic, [N, S, K] and [N, S]
-        wa, wb, bias, v, c = (p[:, sel][labels].to(h.dtype) for p in params)
+        params = [p[:, sel].to(h.dtype) for p in params]  # [C, S, K] and [C, S]
     else:
-        wa, wb, bias, v, c = (p[sel].to(h.dtype) for p in params)
+        params = [p[sel].to(h.dtype) for p in params]  # [S, K] and [S]
     a, b = h[:, pairs[:, 0]], h[:, pairs[:, 1]]
 
-    def score(x, y):
-        return (torch.relu(x.unsqueeze(-1) * wa + y.unsqueeze(-1) * wb + bias) * v).sum(-1) + c
+    def score(rows_a, rows_b):
+        wa, wb, bias, v, c = (p[labels[rows_a]] for p in params) if conditional else params
+        x, y = a[rows_a].unsqueeze(-1), b[rows_b].unsqueeze(-1)
+        return (torch.relu(x * wa + y * wb + bias) * v).sum(-1) + c
 
-    return score(a, b), torch.stack([score(a, b[p]) for p in perms])
+    rows = torch.arange(h.shape[0])
+    step = max(1, (1 << 22) // (pairs.shape[0] * params[0].shape[-1]))
+    marg = torch.cat([score(index[s:s + step, 0], index[s:s + step, 1]) for s in range(0, index.shape[0], step)])
+    joint = torch.cat([score(rows[s:s + step], rows[s:s + step]) for s in range(0, h.shape[0], step)])
+    return joint, marg
 
 
 def tuple_weights(weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -96,7 +103,8 @@ def weighted_bounds(estimator: str, joint: torch.Tensor, marg: torch.Tensor, ind
             float32, exact up to 2^24), each row summing to ``N``.
         groups: optional ``[N]`` int64 classes; then the bound is formed per class (joint
             samples of the class, negatives whose first sample is in it) and averaged with the
-            class frequencies, as a class-conditional bound is.
+            class frequencies (over the classes that have negatives), as a class-conditional
+            bound is.
     """
     N, P = joint.shape
     joint, marg, w = joint.double(), marg.double(), weights.double()
@@ -107,6 +115,7 @@ def weighted_bounds(estimator: str, joint: torch.Tensor, marg: torch.Tensor, ind
         groups = torch.zeros(N, dtype=torch.int64)
     marg_group = groups[index[:, 0]]
     total = torch.zeros(w.shape[0], P, dtype=torch.float64)
+    norm = torch.zeros(w.shape[0], 1, dtype=torch.float64)
     for g in torch.unique(groups):
         in_g = groups == g
         wg = w[:, in_g]
@@ -122,11 +131,13 @@ def weighted_bounds(estimator: str, joint: torch.Tensor, marg: torch.Tensor, ind
             sz += (wm.t() @ e.float()).double()  # the weighted sums and (last column) the weights' sum
         s, z = sz[:, :P], sz[:, P:]
         lme = torch.log(s.clamp_min(1e-300) / z.clamp_min(1e-300)) + shift
-        # A row that holds a class member but none of its negatives has no estimate of that
-        # class's log-mean-exp; it contributes nothing for the class (its share is then tiny).
-        term = torch.where(z > 0, _bound(estimator, t_joint, lme), torch.zeros_like(lme))
-        total += torch.where(share > 0, share / w.sum(1, keepdim=True) * term, torch.zeros_like(term))
-    return total
+        # A class without negatives in a row (fewer than two members, or none of its negatives
+        # drawn) has no log-mean-exp: it is left out and the other classes' weights renormalized,
+        # as PairwiseMINE does with a class of fewer than two samples in a batch.
+        has = (z > 0) & (share > 0)
+        total += torch.where(has, share * _bound(estimator, t_joint, lme), torch.zeros_like(lme))
+        norm += torch.where(has, share, torch.zeros_like(share))
+    return total / norm
 
 
 def bootstrap_bound(estimator: str, joint: torch.Tensor, marg: torch.Tensor, index: torch.Tensor, *,
