@@ -114,10 +114,9 @@ class _BestCritic:
     def update(self, val: torch.Tensor, min_delta: float) -> bool:
         """Record ``val`` ``[size]``; return whether some element rose by more than ``min_delta``."""
         if self.rowwise:
-            better = val > self.value
+            rows = (val > self.value).nonzero().squeeze(1)
             for p, s in zip(self.params, self.saved):
-                s.index_copy_(self.dim, better.nonzero().squeeze(1), p.detach().index_select(
-                    self.dim, better.nonzero().squeeze(1)))
+                s.index_copy_(self.dim, rows, p.detach().index_select(self.dim, rows))
             gain = bool((val > self.value + min_delta).any())
             self.value = torch.maximum(self.value, val)
             return gain
