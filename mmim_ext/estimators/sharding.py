@@ -274,6 +274,13 @@ class Shard:
         return torch.cat([parts[r, : shard_range(self.total, self.world, r)[1] - shard_range(self.total, self.world, r)[0]]
                           for r in range(self.world)], 0)
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on some rank (collective): for decisions every rank must take
+        together, such as stopping a training loop whose evaluation is itself collective."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """:func:`reduce_sum` on this module's group."""
         return reduce_sum(self.group, value)
