@@ -561,10 +561,11 @@ def lipschitz_bound(branch: nn.Module, input_shape: Sequence[int] | None = None,
             raise TypeError(f"lipschitz_bound: cannot bound module {name!r} ({type(mod).__name__}); supported: "
                             "Linear, Conv1d/2d/3d and 1-Lipschitz activations (ReLU, Tanh, LeakyReLU and ELU with "
                             "slope <= 1, Hardtanh, ReLU6, Softsign, Sigmoid, Identity, Flatten, eval-mode Dropout)")
-        if shape is not None:
+        if shape is not None:  # the next layer's input shape (a convolution's norm depends on it)
+            w = getattr(mod, "weight", None)
             with torch.no_grad():
-                shape = tuple(mod(torch.zeros((1, *shape), dtype=dtype, device=device).to(
-                    mod.weight.dtype if isinstance(mod, (nn.Linear, *_CONVS)) else dtype)).shape[1:])
+                probe = torch.zeros((1, *shape), dtype=w.dtype if isinstance(w, torch.Tensor) else dtype, device=device)
+                shape = tuple(mod(probe).shape[1:])
     return bound
 
 
