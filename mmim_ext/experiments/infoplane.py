@@ -296,7 +296,9 @@ def run(args) -> int:
                     msg = (f"probes: wide net test {payload['separability']['test_accuracy']:.4f}, residual net test "
                            f"{payload['residual']['test_accuracy']:.4f}")
                 else:
-                    payload = train_one(setting, cfg, x, y, train_idx, test_idx, seed, progress=not args.no_progress)
+                    # Without a progress bar, a line per recording (long runs write to a log file).
+                    payload = train_one(setting, cfg, x, y, train_idx, test_idx, seed, progress=not args.no_progress,
+                                        log=args.no_progress)
                     payload["config"] = cfg.to_json()
                     fin = payload["final"]
                     msg = (f"{setting.key}: train {fin['train_accuracy']:.4f}, test {fin['test_accuracy']:.4f}, "

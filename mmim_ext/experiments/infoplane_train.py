@@ -156,7 +156,7 @@ def _labels(setting: Setting, y: torch.Tensor, train_idx: torch.Tensor, seed: in
 
 
 def train_one(setting: Setting, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor,
-              test_idx: torch.Tensor, seed: int, *, progress: bool = False) -> dict:
+              test_idx: torch.Tensor, seed: int, *, progress: bool = False, log: bool = False) -> dict:
     """Train one network and record everything; returns a JSON-ready dict (all information in bits).
 
     ``y`` are the task's labels; the run trains on :func:`_labels` (random or noisy for the
@@ -165,6 +165,7 @@ def train_one(setting: Setting, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor
     fixed random subset of ``cfg.eval_subset`` of them (the KDE sums cost ``N^2``). The last
     layer is compared with a hard-margin SVM once the network fits at least 99 % of its training
     labels (before that the features have no hard margin and libsvm only runs into its cap).
+    With ``log``, a line is printed at each recording (for runs that write to a file).
     """
     from tqdm.auto import tqdm
 
@@ -254,6 +255,9 @@ def train_one(setting: Setting, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor
         if rec.scheduled(epoch):
             measure(epoch)
             bar.set_postfix(train=f"{hist['accuracy'][-1]['train']:.3f}")
+            if log:
+                print(f"    {setting.key} seed {seed}: epoch {epoch}/{cfg.epochs}, train accuracy "
+                      f"{hist['accuracy'][-1]['train']:.4f}, {time.perf_counter() - t0:.0f} s", flush=True)
     wall = time.perf_counter() - t0
 
     # Binned I(X;T) of the final network as the bins shrink: fixed widths on each layer's range.
