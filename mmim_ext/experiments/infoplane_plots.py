@@ -227,7 +227,7 @@ def _svm_figure(runs, out) -> str:
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
                 m, sd = np.nanmean(v, 0), (np.nanstd(v, 0, ddof=1) if len(rs) > 1 else 0 * ep)
-            _band(ax, ep, m, np.nan_to_num(sd), colors(c % 10), lab, ls=ls)
+            _band(ax, ep, m, np.nan_to_num(sd), colors(c % 10), lab, ls=ls, marker="o", ms=3)
     ax1.set_ylabel("cos(w_y - w_k, SVM normal)")
     ax1.set_title("last layer vs hard-margin linear SVM on the penultimate features\n(from the first recording "
                   "with >= 99 % training accuracy; non-converged fits left out)", fontsize=8)
