@@ -489,10 +489,10 @@ def _power_iteration(op, shape, n_iter: int, tol: float, gen: torch.Generator, d
         v = v.detach().requires_grad_(True)
         with torch.enable_grad():
             u = op(v)
-            new = float(u.norm())
+            new = float(u.detach().norm())
             if new == 0.0:
                 return 0.0
-            (g,) = torch.autograd.grad(u, v, u / new)  # A^T u / ||u||
+            (g,) = torch.autograd.grad(u, v, u.detach() / new)  # A^T u / ||u||
         v = (g / g.norm()).detach()
         if abs(new - sigma) <= tol * new:
             return new
