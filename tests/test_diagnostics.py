@@ -322,7 +322,7 @@ def test_jacobian_norm_max_linear_and_tanh():
     lin = nn.Linear(4, 3).double()
     x = torch.randn(50, 4, dtype=torch.float64)
     norms = jacobian_norm_max(lin, x, chunk=16, return_all=True)
-    torch.testing.assert_close(norms, torch.full((50,), float(torch.linalg.matrix_norm(lin.weight, 2)),
+    torch.testing.assert_close(norms, torch.full((50,), float(torch.linalg.matrix_norm(lin.weight.detach(), 2)),
                                                  dtype=torch.float64))
     branch = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)).double()
     local = jacobian_norm_max(branch, x)
@@ -331,7 +331,7 @@ def test_jacobian_norm_max_linear_and_tanh():
     with torch.no_grad():
         branch[0].bias.zero_()
     j0 = jacobian_norm_max(branch, torch.zeros(1, 4, dtype=torch.float64))
-    assert j0 == pytest.approx(float(torch.linalg.matrix_norm(branch[2].weight @ branch[0].weight, 2)), rel=1e-9)
+    assert j0 == pytest.approx(float(torch.linalg.matrix_norm((branch[2].weight @ branch[0].weight).detach(), 2)), rel=1e-9)
 
 
 def test_residual_block_certified_invertible_when_lipschitz_below_one():
