@@ -427,3 +427,28 @@ def test_probes_on_a_short_run():
         # guarantee only in one direction: ||F(x) - F(0)|| <= Lip ||x||.
         assert h["jacobian_max"] <= h["lipschitz_bound"] + 1e-6 and h["certified"] == (h["lipschitz_bound"] < 1)
         assert h["ratio"]["n"] == 4096
+
+
+def test_gd_epoch_is_one_full_batch_step():
+    from mmim_ext.experiments.infoplane import make_task
+    from mmim_ext.experiments.infoplane_train import RunConfig, Setting, build_net, train_one
+
+    x, y, _ = make_task()
+    perm = torch.randperm(4096, generator=torch.Generator().manual_seed(3))
+    tr, te = perm[:3482].sort().values, perm[3482:].sort().values
+    cfg = RunConfig(epochs=1, points=2, lr={"sgd": 0.05, "gd": 1.0, "adam": 1e-3}, batch_size=256,
+                    noise_vars=(0.1,), bin_width=0.07, train_fraction=0.85, eval_subset=64)
+    run = train_one(Setting("tanh", "gd"), cfg, x, y, tr, te, seed=3)
+    # The run sums its 14 minibatch gradients into one step; here the step from one full batch.
+    model, _, linears = build_net("tanh", 3)
+    nn.functional.cross_entropy(model(x[tr]), y[tr]).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 1.0 * p.grad
+    from mmim_ext.diagnostics import weight_norms
+
+    want = weight_norms(model, linears)
+    got = run["weight_norms"][-1]
+    assert got["epoch"] == 1 and all(got[k] == pytest.approx(v, rel=1e-5) for k, v in want.items())
+    # ... and the SNR rows of that epoch come from the 14 minibatches at fixed weights.
+    assert {r["layer"] for r in run["grad_snr"]} == set(linears) and run["infoplane_config"]["n_samples"] == 64
