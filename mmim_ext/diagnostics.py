@@ -7,8 +7,15 @@
   quantiles per epoch.
 * :func:`margins` / :func:`margin_quantiles` — last-layer margins ``z_y - max_{k != y} z_k`` raw
   and normalized by ``||w_y - w_k||`` (the distance to the decision boundary in feature space).
-* :func:`separability_probe` — linear-SVM training accuracy on the penultimate features projected
-  on their first ``k`` principal components.
+* :func:`svm_alignment` — the last layer against a linear SVM fitted to the same features: the
+  cosine between ``w_y - w_k`` and the SVM's normal for every class pair, and both minimum
+  normalized margins (the "last layer is a max-margin classifier" reading).
+* :func:`separability_probe` — accuracy of a linear SVM or k-nearest-neighbours classifier on
+  features projected on their first ``k`` principal components; held out when a test split is
+  given (PCA and classifier fitted on the training split only).
+* :func:`lipschitz_bound` and :func:`jacobian_norm_max` — a global upper bound and a local
+  estimate of the Lipschitz constant of a residual branch ``F``: ``Lip(F) < 1`` certifies that
+  ``x -> x + F(x)`` is invertible (a per-sample ``||F(x)|| / ||x|| < 1`` does not).
 """
 
 from __future__ import annotations
@@ -24,12 +31,16 @@ __all__ = [
     "DEFAULT_QUANTILES",
     "GradientSNR",
     "ResidualBlock",
+    "PROBE_CLASSIFIERS",
     "ResidualRatioMonitor",
+    "jacobian_norm_max",
+    "lipschitz_bound",
     "margin_quantiles",
     "margins",
     "residual_ratios",
     "separability_probe",
     "summarize",
+    "svm_alignment",
     "weight_norms",
 ]
 
@@ -292,49 +303,294 @@ def margin_quantiles(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
     return out
 
 
+# ---- the last layer as a max-margin classifier ------------------------------------------------
+
+
+def _numpy2d(name: str, owner: str, a):
+    import numpy as np
+
+    X = a.detach().cpu().to(torch.float64).numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"{owner}: argument '{name}' must be [N, D], got shape {list(X.shape)}")
+    return X
+
+
+def _numpy_labels(name: str, owner: str, y, n: int):
+    import numpy as np
+
+    Y = y.detach().cpu().numpy().reshape(-1) if isinstance(y, torch.Tensor) else np.asarray(y).reshape(-1)
+    if Y.shape[0] != n:
+        raise ValueError(f"{owner}: argument '{name}' must hold N={n} labels, got {Y.shape[0]}")
+    return Y
+
+
+def svm_alignment(features, y, weight, bias=None, *, C: float = 1e4, max_iter: int = 200_000) -> dict:
+    """Compare a linear last layer with a (nearly) hard-margin linear SVM on the same features.
+
+    For every pair of classes ``(a, b)`` present in ``y`` (``a < b``), a binary linear SVM
+    (scikit-learn ``SVC(kernel="linear", C=C)``; a large ``C`` approximates the hard margin) is
+    fitted to the samples of those two classes, ``+1`` for ``a``. The network's separator for the
+    pair is ``(w_a - w_b) . h + (b_a - b_b) = 0``.
+
+    Args:
+        features: ``[N, D]`` penultimate features ``h`` (tensor or array), any float dtype.
+        y: ``[N]`` integer labels in ``0..K-1``.
+        weight: ``[K, D]`` last-layer weight ``W``.
+        bias: ``[K]`` last-layer bias, or None (zero).
+        C: SVM penalty; ``1e4`` is hard-margin for features of order 1.
+        max_iter: libsvm iteration cap.
+
+    Returns:
+        ``{"pairs": [...], "cosine_min", "net_margin_min", "svm_margin_min"}``; each pair holds
+        ``classes``, ``n``, ``cosine`` (between ``w_a - w_b`` and the SVM normal, 1 when the
+        network's direction is the max-margin one), ``net_margin`` and ``svm_margin`` (minimum
+        over the pair's samples of the signed distance to the separator, in feature units;
+        negative when a sample is on the wrong side), ``svm_train_accuracy`` and ``converged``
+        (False when libsvm stopped at ``max_iter``: typical of non-separable features with a
+        large ``C``, where the "hard margin" is not defined anyway).
+    """
+    import numpy as np
+    from sklearn.svm import SVC
+
+    owner = "svm_alignment"
+    X = _numpy2d("features", owner, features)
+    Y = _numpy_labels("y", owner, y, X.shape[0])
+    W = _numpy2d("weight", owner, weight)
+    if W.shape[1] != X.shape[1]:
+        raise ValueError(f"{owner}: argument 'weight' must be [K, D] with D={X.shape[1]}, got {list(W.shape)}")
+    b = np.zeros(W.shape[0]) if bias is None else (
+        bias.detach().cpu().to(torch.float64).numpy().reshape(-1) if isinstance(bias, torch.Tensor)
+        else np.asarray(bias, dtype=np.float64).reshape(-1))
+    if b.shape[0] != W.shape[0]:
+        raise ValueError(f"{owner}: argument 'bias' must be [K] with K={W.shape[0]}, got {list(b.shape)}")
+    if not (C > 0):
+        raise ValueError(f"{owner}: argument 'C' must be > 0, got {C}")
+    classes = np.unique(Y)
+    if len(classes) < 2:
+        raise ValueError(f"{owner}: argument 'y' needs at least two classes")
+    if classes.min() < 0 or classes.max() >= W.shape[0]:
+        raise ValueError(f"{owner}: labels in 'y' must lie in [0, {W.shape[0] - 1}]")
+    pairs = []
+    for i, a in enumerate(classes):
+        for cb in classes[i + 1:]:
+            sel = (Y == a) | (Y == cb)
+            Xp, s = X[sel], np.where(Y[sel] == a, 1.0, -1.0)
+            d, off = W[a] - W[cb], b[a] - b[cb]
+            dn = float(np.linalg.norm(d))
+            svm = SVC(kernel="linear", C=C, max_iter=max_iter).fit(Xp, s)
+            u, u0 = svm.coef_.reshape(-1), float(svm.intercept_[0])
+            un = float(np.linalg.norm(u))
+            pairs.append({
+                "classes": [int(a), int(cb)],
+                "n": int(sel.sum()),
+                "cosine": float(d @ u / (dn * un)) if dn > 0 and un > 0 else float("nan"),
+                "net_margin": float(np.min(s * (Xp @ d + off)) / dn) if dn > 0 else float("nan"),
+                "svm_margin": float(np.min(s * (Xp @ u + u0)) / un) if un > 0 else float("nan"),
+                "svm_train_accuracy": float(svm.score(Xp, s)),
+                "converged": bool(np.all(np.asarray(svm.n_iter_) < max_iter)),
+            })
+    return {"pairs": pairs,
+            "cosine_min": min(p["cosine"] for p in pairs),
+            "net_margin_min": min(p["net_margin"] for p in pairs),
+            "svm_margin_min": min(p["svm_margin"] for p in pairs),
+            "converged": all(p["converged"] for p in pairs)}
+
+
 # ---- separability probe -----------------------------------------------------------------------
 
+PROBE_CLASSIFIERS = ("linear_svm", "knn")
 
-def separability_probe(features, y, n_components: Iterable[int] | None = None, *, C: float = 1.0,
+
+def separability_probe(features, y, n_components: Iterable[int] | None = None, *, test_features=None,
+                       test_y=None, classifier: str = "linear_svm", n_neighbors: int = 5, C: float = 1.0,
                        max_iter: int = 10000, standardize: bool = True, seed: int = 0) -> list[dict]:
-    """Linear separability of features vs the number of principal components kept.
+    """Accuracy of a classifier on features projected on their first ``k`` principal components.
 
-    The features ``[N, D]`` are centred (and, with ``standardize``, scaled to unit variance per
-    column), projected on their first ``k`` principal components, and a one-vs-rest linear SVM
-    (scikit-learn ``LinearSVC``, squared hinge, penalty ``C``) is fit on them; its *training*
-    accuracy measures how linearly separable the set is with ``k`` directions.
+    The centring, per-column scaling (``standardize``) and PCA are fitted on ``features``
+    ``[N, D]`` only and applied unchanged to ``test_features`` ``[M, D]``; the classifier
+    (``"linear_svm"``: one-vs-rest ``LinearSVC``, squared hinge, penalty ``C``, primal solver; ``"knn"``:
+    ``n_neighbors``-nearest neighbours, Euclidean) is fitted on the training projection. The
+    held-out accuracy says how much of the class structure ``k`` directions carry; the training
+    accuracy of a linear classifier on a layer the network's head already separates says nothing
+    beyond that.
 
-    Returns one dict per ``k`` (default ``1..min(D, N)``):
-    ``{"n_components", "accuracy", "explained_variance"}`` (cumulative fraction of variance).
+    Returns one dict per ``k`` (default ``1..min(D, N)``): ``{"n_components", "train_accuracy",
+    "test_accuracy" (None without a test split), "explained_variance"}`` (cumulative fraction of
+    the training variance).
     """
     import numpy as np
     from sklearn.decomposition import PCA
+    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.svm import LinearSVC
 
-    X = features.detach().cpu().to(torch.float64).numpy() if isinstance(features, torch.Tensor) else np.asarray(features, dtype=np.float64)
-    Y = y.detach().cpu().numpy().reshape(-1) if isinstance(y, torch.Tensor) else np.asarray(y).reshape(-1)
-    if X.ndim != 2:
-        raise ValueError(f"separability_probe: argument 'features' must be [N, D], got shape {list(X.shape)}")
-    if Y.shape[0] != X.shape[0]:
-        raise ValueError(f"separability_probe: argument 'y' must hold N={X.shape[0]} labels, got {Y.shape[0]}")
+    owner = "separability_probe"
+    X = _numpy2d("features", owner, features)
+    Y = _numpy_labels("y", owner, y, X.shape[0])
+    if classifier not in PROBE_CLASSIFIERS:
+        raise ValueError(f"{owner}: argument 'classifier' must be one of {PROBE_CLASSIFIERS}, got {classifier!r}")
     if len(np.unique(Y)) < 2:
-        raise ValueError("separability_probe: argument 'y' needs at least two classes")
+        raise ValueError(f"{owner}: argument 'y' needs at least two classes")
+    if (test_features is None) != (test_y is None):
+        raise ValueError(f"{owner}: arguments 'test_features' and 'test_y' go together")
+    Xt = Yt = None
+    if test_features is not None:
+        Xt = _numpy2d("test_features", owner, test_features)
+        if Xt.shape[1] != X.shape[1]:
+            raise ValueError(f"{owner}: argument 'test_features' must have D={X.shape[1]} columns, got {Xt.shape[1]}")
+        Yt = _numpy_labels("test_y", owner, test_y, Xt.shape[0])
     kmax = min(X.shape)
     ks = list(range(1, kmax + 1)) if n_components is None else [int(k) for k in n_components]
     for k in ks:
         if not 1 <= k <= kmax:
-            raise ValueError(f"separability_probe: n_components must lie in [1, {kmax}], got {k}")
-    X = X - X.mean(axis=0)
-    if standardize:
-        sd = X.std(axis=0)
-        X = X / np.where(sd > 0, sd, 1.0)
-    pca = PCA(n_components=max(ks), random_state=seed).fit(X)
-    Z = pca.transform(X)
+            raise ValueError(f"{owner}: n_components must lie in [1, {kmax}], got {k}")
+    mu = X.mean(axis=0)
+    sd = X.std(axis=0) if standardize else np.ones(X.shape[1])
+    sd = np.where(sd > 0, sd, 1.0)
+    pca = PCA(n_components=max(ks), random_state=seed).fit((X - mu) / sd)
+    Z = pca.transform((X - mu) / sd)
+    Zt = pca.transform((Xt - mu) / sd) if Xt is not None else None
     cum = np.cumsum(pca.explained_variance_ratio_)
     out = []
     for k in ks:
-        svm = LinearSVC(C=C, max_iter=max_iter, random_state=seed)
-        svm.fit(Z[:, :k], Y)
-        out.append({"n_components": k, "accuracy": float(svm.score(Z[:, :k], Y)),
+        if classifier == "knn":
+            clf = KNeighborsClassifier(n_neighbors=n_neighbors)
+        else:
+            # The primal solver: samples outnumber the components here, and the dual's coordinate
+            # descent crawls on the non-separable projections of the first few components.
+            clf = LinearSVC(C=C, dual=False, max_iter=max_iter, random_state=seed)
+        clf.fit(Z[:, :k], Y)
+        out.append({"n_components": k, "train_accuracy": float(clf.score(Z[:, :k], Y)),
+                    "test_accuracy": None if Zt is None else float(clf.score(Zt[:, :k], Yt)),
                     "explained_variance": float(cum[k - 1])})
     return out
+
+
+# ---- Lipschitz constants of residual branches -------------------------------------------------
+
+# Activations with Lipschitz constant at most 1 (elementwise, slope in [-1, 1] everywhere).
+_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Hardtanh, nn.ReLU6, nn.Softsign, nn.Identity, nn.Flatten, nn.Unflatten)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _leaves(module: nn.Module, prefix: str):
+    if isinstance(module, nn.Sequential):
+        for name, child in module.named_children():
+            yield from _leaves(child, f"{prefix}.{name}" if prefix else name)
+    else:
+        yield prefix or type(module).__name__, module
+
+
+def _power_iteration(op, shape, n_iter: int, tol: float, gen: torch.Generator, dtype) -> float:
+    """Largest singular value of the linear map ``op`` on inputs ``[1, *shape]`` (from below)."""
+    v = torch.randn((1, *shape), generator=gen, dtype=torch.float64).to(dtype)
+    v = v / v.norm()
+    sigma = 0.0
+    for _ in range(n_iter):
+        v = v.detach().requires_grad_(True)
+        with torch.enable_grad():
+            u = op(v)
+            new = float(u.detach().norm())
+            if new == 0.0:
+                return 0.0
+            (g,) = torch.autograd.grad(u, v, u.detach() / new)  # A^T u / ||u||
+        v = (g / g.norm()).detach()
+        if abs(new - sigma) <= tol * new:
+            return new
+        sigma = new
+    return sigma
+
+
+def lipschitz_bound(branch: nn.Module, input_shape: Sequence[int] | None = None, *, n_iter: int = 500,
+                    tol: float = 1e-9, seed: int = 0) -> float:
+    """Upper bound on the Lipschitz constant (Euclidean norms) of a feed-forward branch ``F``.
+
+    ``branch`` is a module, or an ``nn.Sequential`` (nested allowed) of ``nn.Linear``,
+    ``nn.Conv1d/2d/3d`` (any stride, padding mode, dilation, groups) and 1-Lipschitz elementwise
+    maps (``ReLU``, ``Tanh``, ``Hardtanh``, ``ReLU6``, ``Softsign``, ``LeakyReLU`` and ``ELU``
+    with slope parameter in ``[-1, 1]``, ``Identity``, ``Flatten``, ``Unflatten``; ``Sigmoid``
+    counts ``1/4``; ``Dropout`` only in eval mode). The bound is the product of the layers'
+    spectral norms: exact (``torch.linalg.matrix_norm(W, 2)``) for ``Linear``; for a convolution,
+    whose norm depends on the input size and padding, power iteration on the bias-free map at the
+    layer's input shape (converges to the norm from below; ``n_iter``, relative ``tol``).
+
+    Args:
+        branch: the module ``F``.
+        input_shape: per-sample input shape (without the batch axis); needed when a convolution
+            is present, optional otherwise.
+
+    Returns:
+        the bound as a Python float. ``x -> x + F(x)`` is invertible when it is ``< 1``.
+
+    Raises:
+        TypeError naming the first module that is none of the above.
+    """
+    if not isinstance(branch, nn.Module):
+        raise TypeError(f"lipschitz_bound: argument 'branch' must be an nn.Module, got {type(branch).__name__}")
+    leaves = list(_leaves(branch, ""))
+    param = next(branch.parameters(), None)
+    dtype = torch.float64 if param is None or param.dtype == torch.float64 else param.dtype
+    device = param.device if param is not None else torch.device("cpu")
+    shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0
+    for name, mod in leaves:
+        if isinstance(mod, nn.Linear):
+            bound *= float(torch.linalg.matrix_norm(mod.weight.detach().to(torch.float64), ord=2))
+        elif isinstance(mod, _CONVS):
+            if shape is None:
+                raise ValueError(f"lipschitz_bound: module {name!r} ({type(mod).__name__}) needs 'input_shape' "
+                                 "(a convolution's spectral norm depends on the input size)")
+            zero = torch.zeros((1, *shape), dtype=mod.weight.dtype, device=device)
+            with torch.no_grad():
+                offset = mod(zero)
+
+            def op(v, mod=mod, offset=offset):  # the bias-free (linear) part of the layer
+                return mod(v.to(mod.weight.dtype)) - offset
+            bound *= _power_iteration(op, shape, n_iter, tol, gen, mod.weight.dtype)
+        elif isinstance(mod, (nn.LeakyReLU,)) and abs(mod.negative_slope) <= 1:
+            pass
+        elif isinstance(mod, nn.ELU) and 0 <= mod.alpha <= 1:
+            pass
+        elif isinstance(mod, nn.Sigmoid):
+            bound *= 0.25
+        elif isinstance(mod, nn.Dropout) and (not mod.training or mod.p == 0):
+            pass
+        elif isinstance(mod, _ONE_LIPSCHITZ):
+            pass
+        else:
+            raise TypeError(f"lipschitz_bound: cannot bound module {name!r} ({type(mod).__name__}); supported: "
+                            "Linear, Conv1d/2d/3d and 1-Lipschitz activations (ReLU, Tanh, LeakyReLU and ELU with "
+                            "slope <= 1, Hardtanh, ReLU6, Softsign, Sigmoid, Identity, Flatten, eval-mode Dropout)")
+        if shape is not None:  # the next layer's input shape (a convolution's norm depends on it)
+            w = getattr(mod, "weight", None)
+            with torch.no_grad():
+                probe = torch.zeros((1, *shape), dtype=w.dtype if isinstance(w, torch.Tensor) else dtype, device=device)
+                shape = tuple(mod(probe).shape[1:])
+    return bound
+
+
+def jacobian_norm_max(branch: nn.Module, x: torch.Tensor, *, chunk: int = 256, return_all: bool = False):
+    """Largest spectral norm of the Jacobian of ``branch`` over the samples of ``x``.
+
+    A local estimate of ``Lip(F)`` on the data (a lower bound on the global constant, which
+    :func:`lipschitz_bound` bounds from above). ``x`` is ``[N, ...]``; each sample's Jacobian
+    ``[prod(out shape), prod(in shape)]`` is formed with ``torch.func.jacrev`` in chunks of
+    ``chunk`` samples. Returns a float, or with ``return_all`` the ``[N]`` float64 tensor of
+    per-sample norms.
+    """
+    from torch.func import jacrev, vmap
+
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] < 1:
+        raise ValueError(f"jacobian_norm_max: argument 'x' must be a tensor [N, ...] with N >= 1, "
+                         f"got {list(getattr(x, 'shape', []))}")
+
+    def f(v):
+        return branch(v.unsqueeze(0)).reshape(-1)
+
+    norms = []
+    for start in range(0, x.shape[0], chunk):
+        xb = x[start:start + chunk].detach()
+        J = vmap(jacrev(f))(xb).reshape(xb.shape[0], -1, xb[0].numel())
+        norms.append(torch.linalg.matrix_norm(J.detach().to(torch.float64), ord=2))
+    allv = torch.cat(norms)
+    return allv if return_all else float(allv.max())

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from collections import Counter
 
 import numpy as np
@@ -68,6 +69,60 @@ def test_binned_mi_known_cases():
     assert binned_mi(t, nn.functional.one_hot(y), n_bins=8) == binned_mi(t, y, n_bins=8)
 
 
+def _direct_fixed(t: np.ndarray, y: np.ndarray, w: float, lo: float, hi):
+    """Fixed-width bins by hand: clip, floor((v - lo) / w), cap at the last bin, count tuples."""
+    v = np.clip(t.astype(np.float64), lo, np.inf if hi is None else hi)
+    bins = np.floor((v - lo) / w)
+    if hi is not None:
+        bins = np.minimum(bins, math.ceil((hi - lo) / w) - 1)
+    pats = [tuple(r) for r in bins.astype(np.int64)]
+
+    def H(items):
+        c = Counter(items)
+        n = sum(c.values())
+        return -sum(k / n * math.log2(k / n) for k in c.values())
+
+    h_t = H(pats)
+    h_t_given_y = sum((y == c).mean() * H([p for p, lab in zip(pats, y) if lab == c]) for c in set(y.tolist()))
+    return h_t, h_t - h_t_given_y, len(set(pats))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fixed_width_binning_matches_direct_counting(seed):
+    rng = np.random.default_rng(100 + seed)
+    N, d = int(rng.integers(20, 300)), int(rng.integers(1, 4))
+    w = float(rng.choice([0.07, 0.25, 0.5]))
+    t = rng.uniform(-0.5, 3.0, size=(N, d))
+    t[0, 0], t[1, 0] = 3 * w, 0.0  # values on bin edges
+    y = rng.integers(0, 2, size=N)
+    for lo, hi in ((0.0, None), (-1.0, 1.0), (0.0, 2.0)):
+        res = binned_mi(torch.tensor(t), torch.tensor(y), lo=lo, hi=hi, bin_width=w, return_num_patterns=True)
+        want = _direct_fixed(t, y, w, lo, hi)
+        assert res.i_xt == pytest.approx(want[0], abs=1e-9) and res.i_ty == pytest.approx(want[1], abs=1e-9)
+        assert res.n_patterns == want[2]
+    b = bin_indices(torch.tensor(t), lo=0.0, hi=None, bin_width=w)
+    assert int(b[0, 0]) == 3 and int(b[1, 0]) == 0 and int(b.min()) == 0
+
+
+def test_fixed_width_bins_do_not_move_with_the_range():
+    # One sample's activation grows tenfold: with fixed-width bins the other samples keep their
+    # bins; with bins over the data's own [min, max] every bin widens and patterns merge.
+    t = torch.linspace(0.0, 1.0, 100, dtype=torch.float64).unsqueeze(1)
+    y = (t[:, 0] > 0.5).long()
+    grown = t.clone()
+    grown[-1, 0] = 10.0
+    fixed = [bin_indices(v, lo=0.0, hi=None, bin_width=0.07) for v in (t, grown)]
+    adaptive = [bin_indices(v, 30, float(v.min()), float(v.max())) for v in (t, grown)]
+    assert torch.equal(fixed[0][:-1], fixed[1][:-1])
+    assert len(torch.unique(adaptive[1][:-1])) < len(torch.unique(adaptive[0][:-1])) / 5
+    i_fixed = [binned_mi(v, y, lo=0.0, hi=None, bin_width=0.07)[0] for v in (t, grown)]
+    i_adaptive = [binned_mi(v, y, 30, float(v.min()), float(v.max()))[0] for v in (t, grown)]
+    assert abs(i_fixed[1] - i_fixed[0]) < 0.05 and i_adaptive[1] < i_adaptive[0] - 2.0
+    # Tanh-range fixed bins: 0.07 over [-1, 1] gives ceil(2 / 0.07) = 29 bins.
+    b = bin_indices(torch.linspace(-1, 1, 1000).unsqueeze(1), lo=-1.0, hi=1.0, bin_width=0.07)
+    assert int(b.max()) == 28 and len(torch.unique(b)) == 29
+
+
 def test_bin_indices_and_patterns():
     t = torch.tensor([[-5.0, 0.0], [1.0, 0.49], [0.5, -1.0], [-5.0, 0.0]])
     b = bin_indices(t, n_bins=4)
@@ -85,6 +140,8 @@ def test_bin_indices_and_patterns():
         (lambda: binned_mi(torch.tensor([[float("nan")]]), torch.zeros(1, dtype=torch.long)), ValueError, "NaN"),
         (lambda: binned_mi(np.zeros((3, 2)), torch.zeros(3, dtype=torch.long)), TypeError, "'t' must be a torch.Tensor"),
         (lambda: binned_mi(torch.randn(3, 2), torch.tensor([0.5, 1.0, 0.0])), ValueError, "integer class labels"),
+        (lambda: binned_mi(torch.randn(5, 2), torch.zeros(5, dtype=torch.long), bin_width=0.0), ValueError, "bin_width"),
+        (lambda: binned_mi(torch.randn(5, 2), torch.zeros(5, dtype=torch.long), hi=None), ValueError, "only with 'bin_width'"),
     ],
 )
 def test_binned_bad_input(call, exc, match):
@@ -137,6 +194,10 @@ def test_kde_mi_limits():
     assert huge["i_xt_upper"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="noise_var"):
         kde_mi(t, y, 0.0)
+    assert set(kde_mi(t, y, 0.1, bounds=("lower",))) == {"i_xt_lower", "i_ty_lower"}
+    assert kde_mi(t, y, 0.1, bounds=("lower",))["i_xt_lower"] == kde_mi(t, y, 0.1)["i_xt_lower"]
+    with pytest.raises(ValueError, match="bounds"):
+        kde_mi(t, y, 0.1, bounds="upper")
 
 
 def test_log_schedule():
@@ -230,6 +291,31 @@ def test_recorder_adaptive_range():
     assert "i_xt_upper" not in r
 
 
+def test_recorder_extra_binnings_and_noise_vars():
+    model, x, y = _tiny_setup()
+    rec = InfoPlaneRecorder(model, ["1", "2"], x, y, schedule="every", bin_range=(-1, 1), noise_var=[0.1, 0.01],
+                            binnings={"fixed": {"bin_width": 0.07, "bin_range": {"1": (-1.0, 1.0), "2": (0.0, None)}},
+                                      "adaptive": {"n_bins": 30, "bin_range": None}})
+    new = {r["layer"]: r for r in rec.record(0)}
+    acts = rec.activations()
+    for name in ("1", "2"):
+        t, r = acts[name], new[name]
+        lo = -1.0 if name == "1" else 0.0
+        hi = 1.0 if name == "1" else None
+        assert r["binnings"]["fixed"]["i_xt"] == pytest.approx(binned_mi(t, y, lo=lo, hi=hi, bin_width=0.07)[0], abs=1e-12)
+        assert r["binnings"]["adaptive"]["i_ty"] == pytest.approx(
+            binned_mi(t, y, 30, float(t.min()), float(t.max()))[1], abs=1e-12)
+        for var in (0.1, 0.01):
+            assert r["kde"][f"{var:g}"]["i_xt_upper"] == pytest.approx(kde_mi(t, y, var)["i_xt_upper"], abs=1e-6)
+        assert r["i_xt_upper"] == r["kde"]["0.1"]["i_xt_upper"]  # the first variance gives the flat keys
+        assert "i_xt_lower" in r["kde"]["0.1"] and set(r["kde"]["0.01"]) == {"i_xt_upper", "i_ty_upper"}
+    cfg = rec.config()
+    assert cfg["noise_vars"] == [0.1, 0.01] and cfg["binnings"]["fixed"]["bin_width"] == 0.07
+    assert cfg["binnings"]["fixed"]["bin_range"]["2"] == [0.0, None]
+    with pytest.raises(ValueError, match="unknown keys"):
+        InfoPlaneRecorder(model, ["1"], x, y, schedule="every", binnings={"b": {"width": 1}})
+
+
 def test_twelve_bit_task_and_network():
     from mmim_ext.experiments.infoplane import WIDTHS, _icosahedron, build_net, make_task
 
@@ -256,20 +342,113 @@ def test_infoplane_command_smoke(tmp_path):
     from mmim_ext.experiments.__main__ import main
 
     out = tmp_path / "ip"
-    # KDE is covered above; here it would only repeat 4096^2 sums per layer and recording.
-    argv = ["infoplane", "--epochs", "2", "--points", "2", "--activations", "tanh", "--out", str(out),
-            "--no-progress", "--no-kde"]
+    # Two seeds of one activation, two epochs: the per-run files, the merge over seeds, resuming.
+    argv = ["infoplane", "--epochs", "2", "--points", "2", "--seeds", "2", "--activations", "tanh", "--out", str(out),
+            "--no-progress", "--noise-vars", "0.1", "--no-probes", "--binning", "fixed", "--eval-subset", "512"]
     assert main(argv) == 0
+    runs = sorted(p.name for p in out.glob("run_*.json"))
+    assert runs == ["run_tanh_sgd_seed0.json", "run_tanh_sgd_seed1.json"]
+    run = json.loads((out / runs[0]).read_text())
+    assert [a["epoch"] for a in run["accuracy"]] == [0, 1, 2]
+    assert {r["layer"] for r in run["infoplane"]} == {"h1", "h2", "h3", "h4", "h5", "out"}
+    assert set(run["infoplane"][0]["binnings"]) == {"adaptive", "fixed"} and set(run["infoplane"][0]["kde"]) == {"0.1"}
+    assert run["config"]["eval_subset"] == 512 and run["infoplane_config"]["n_samples"] == 512
+    assert run["svm"] == []  # two epochs: no fit of the training set, so no hard margin to compare with
     data = json.loads((out / "results.json").read_text())
-    res = data["results"]["tanh"]
-    assert [a["epoch"] for a in res["accuracy"]] == [0, 1, 2]
-    assert {r["layer"] for r in res["infoplane"]} == {"h1", "h2", "h3", "h4", "h5", "out"}
-    assert len(res["grad_snr"]) == 2 * 6 and len(res["margins"]) == 3
-    assert [r["n_components"] for r in res["separability"]["end"]] == [1, 2, 3]
-    assert "i_xt_upper" not in res["infoplane"][0] and not (out / "infoplane_kde.png").exists()
-    pngs = ["infoplane_binned.png", "margins.png", "grad_snr.png"]
-    stamps = {p: (out / p).stat().st_mtime_ns for p in pngs}
+    assert data["config"]["binning"] == "fixed" and "width 0.07" in data["config"]["binning_scheme"]
+    assert data["config"]["seeds"] == [0, 1] and data["units"] == "bits"
+    comp = data["compression"]["tanh"]
+    assert set(comp) == {"h1", "h2", "h3", "h4", "h5", "out"}
+    # The merged numbers are the mean and sd over the two seeds of peak - final I(X;T).
+    from mmim_ext.experiments.infoplane_merge import compression, mean_sd
+
+    runs_json = [json.loads((out / r).read_text()) for r in runs]
+    per_seed = [compression(r, "binned_fixed")["h5"] for r in runs_json]
+    assert comp["h5"]["binned"] == pytest.approx(mean_sd(per_seed) | {"n": 2}) and comp["h5"]["binned"]["n"] == 2
+    per_seed = [compression(r, "kde_0.1")["h3"] for r in runs_json]
+    assert comp["h3"]["kde"]["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert all(c[k]["mean"] >= 0 for c in comp.values() for k in ("binned", "kde"))
+    pngs = ["planes_sgd.png", "ixt_epochs_sgd.png", "kde_noise_sgd.png", "compression.png", "bin_convergence.png",
+            "grad_snr.png", "svm_margin.png"]
     assert all((out / p).stat().st_size > 20_000 for p in pngs)
-    assert main(["infoplane", "--replot", "--out", str(out)]) == 0
-    assert all((out / p).stat().st_mtime_ns >= stamps[p] for p in pngs)
-    assert main(["infoplane", "--activations", "sigmoid", "--out", str(out)]) == 2
+    # Resume: nothing left to run, the files stay as they were; --merge rebuilds the summary.
+    stamps = {r: (out / r).stat().st_mtime_ns for r in runs}
+    assert main(argv) == 0
+    assert {r: (out / r).stat().st_mtime_ns for r in runs} == stamps
+    (out / "results.json").unlink()
+    assert main(["infoplane", "--merge", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["compression"]["tanh"]["h5"]["kde"]["n"] == 2
+    # A folder of runs with another config is refused, and so are bad arguments.
+    assert main(argv[:2] + ["3"] + argv[3:]) == 2
+    assert main(["infoplane", "--merge", "--out", str(tmp_path / "empty")]) == 2
+    with pytest.raises(SystemExit):
+        main(["infoplane", "--activations", "sigmoid", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["infoplane", "--optimizer", "rmsprop", "--out", str(out)])
+
+
+def test_compression_and_mean_sd():
+    from mmim_ext.experiments.infoplane_merge import compression, mean_sd
+
+    recs = [{"epoch": e, "layer": "h1", "binnings": {"fixed": {"i_xt": v, "i_ty": 0.0}}}
+            for e, v in ((0, 3.0), (5, 7.5), (10, 6.0), (20, 4.5))]
+    assert compression({"infoplane": recs}, "binned_fixed") == {"h1": 3.0}
+    assert mean_sd([1.0, 2.0, 4.0]) == pytest.approx({"mean": 7 / 3, "sd": float(np.std([1, 2, 4], ddof=1)), "n": 3})
+    assert mean_sd([2.0]) == {"mean": 2.0, "sd": None, "n": 1}
+
+
+def test_run_claims_are_exclusive_and_stale_locks_are_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from mmim_ext.experiments.infoplane import _claim
+
+    path = str(tmp_path / "run_x_seed0.json")
+    assert _claim(path) and not _claim(path)  # this live process holds it
+    os.remove(path + ".lock")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(path + ".lock", "w") as fh:
+        fh.write(str(dead.pid))
+    assert _claim(path) and open(path + ".lock").read() == str(os.getpid())
+
+
+def test_probes_on_a_short_run():
+    from mmim_ext.experiments.infoplane import make_task
+    from mmim_ext.experiments.infoplane_probes import residual_run, separability_run
+
+    x, y, _ = make_task()
+    perm = torch.randperm(4096, generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:3000].sort().values, perm[3000:].sort().values
+    res = residual_run(x, y, tr, te, seed=0, epochs=2, points=2)
+    assert [h["epoch"] for h in res["history"]] == [0, 0, 1, 1, 2, 2]
+    for h in res["history"]:
+        # The global bound is above the local one, which is above every per-sample ratio's
+        # guarantee only in one direction: ||F(x) - F(0)|| <= Lip ||x||.
+        assert h["jacobian_max"] <= h["lipschitz_bound"] + 1e-6 and h["certified"] == (h["lipschitz_bound"] < 1)
+        assert h["ratio"]["n"] == 4096
+
+
+def test_gd_epoch_is_one_full_batch_step():
+    from mmim_ext.experiments.infoplane import make_task
+    from mmim_ext.experiments.infoplane_train import RunConfig, Setting, build_net, train_one
+
+    x, y, _ = make_task()
+    perm = torch.randperm(4096, generator=torch.Generator().manual_seed(3))
+    tr, te = perm[:3482].sort().values, perm[3482:].sort().values
+    cfg = RunConfig(epochs=1, points=2, lr={"sgd": 0.05, "gd": 1.0, "adam": 1e-3}, batch_size=256,
+                    noise_vars=(0.1,), bin_width=0.07, train_fraction=0.85, eval_subset=64)
+    run = train_one(Setting("tanh", "gd"), cfg, x, y, tr, te, seed=3)
+    # The run sums its 14 minibatch gradients into one step; here the step from one full batch.
+    model, _, linears = build_net("tanh", 3)
+    nn.functional.cross_entropy(model(x[tr]), y[tr]).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 1.0 * p.grad
+    from mmim_ext.diagnostics import weight_norms
+
+    want = weight_norms(model, linears)
+    got = run["weight_norms"][-1]
+    assert got["epoch"] == 1 and all(got[k] == pytest.approx(v, rel=1e-5) for k, v in want.items())
+    # ... and the SNR rows of that epoch come from the 14 minibatches at fixed weights.
+    assert {r["layer"] for r in run["grad_snr"]} == set(linears) and run["infoplane_config"]["n_samples"] == 64

@@ -1,7 +1,8 @@
 """Information-plane coordinates by binning (Shwartz-Ziv & Tishby).
 
-Every activation is clipped to ``[lo, hi]`` and mapped to one of ``n_bins`` equal bins; the row of
-bin indices of a sample is its *pattern*. For a deterministic network evaluated on distinct
+Every activation is clipped to ``[lo, hi]`` and mapped to one of ``n_bins`` equal bins, or to a
+bin of fixed width ``bin_width`` (Saxe et al.'s scheme); the row of bin indices of a sample is
+its *pattern*. For a deterministic network evaluated on distinct
 inputs ``X`` the pattern is a function of ``X``, so ``I(X;T) = H(T)``, and
 ``I(T;Y) = H(T) - sum_y p(y) H(T | Y=y) = H(T) + H(Y) - H(T, Y)``. All entropies are plug-in
 (empirical frequencies) and in bits.
@@ -12,6 +13,7 @@ matrix, so nothing is turned into Python tuples and GPU tensors stay on the GPU.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -39,17 +41,36 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def bin_indices(t: torch.Tensor, n_bins: int = 30, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
-    """Bin index of every activation, ``[N, units]`` int64 in ``0..n_bins-1``.
+def bin_indices(t: torch.Tensor, n_bins: int | None = 30, lo: float = -1.0, hi: float | None = 1.0, *,
+                bin_width: float | None = None) -> torch.Tensor:
+    """Bin index of every activation, ``[N, units]`` int64 (non-negative).
 
-    ``t`` ``[N, ...]`` (flattened per sample) is clipped to ``[lo, hi]`` and mapped to
-    ``min(floor((v - lo) / (hi - lo) * n_bins), n_bins - 1)``, computed in float64 (float32 on
-    devices without float64) so that bin edges do not move with the input dtype.
+    Two schemes (docs/infoplane.md):
+
+    * ``n_bins`` equal bins over ``[lo, hi]`` (``bin_width=None``): ``t`` ``[N, ...]`` (flattened
+      per sample) is clipped to ``[lo, hi]`` and mapped to
+      ``min(floor((v - lo) / (hi - lo) * n_bins), n_bins - 1)``.
+    * Fixed-width bins (``bin_width=w``, ``n_bins`` ignored): ``floor((v - lo) / w)`` after
+      clipping to ``[lo, hi]``; the last bin is ``ceil((hi - lo) / w) - 1`` (it may be narrower
+      than ``w``). ``hi=None`` leaves the range open above, so every value keeps its own bin of
+      width ``w`` however large it grows: with ``lo = 0`` these are the bins of Saxe et al.'s code
+      for ReLU layers (``floor(v / 0.07)``).
+
+    Computed in float64 (float32 on devices without float64) so that bin edges do not move with
+    the input dtype.
     """
     t = _as_2d(t)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"binned_mi: argument 'n_bins' must be a positive int, got {n_bins!r}")
-    if not (float(hi) > float(lo)):
+    if bin_width is None:
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"binned_mi: argument 'n_bins' must be a positive int, got {n_bins!r}")
+        if hi is None:
+            raise ValueError("binned_mi: argument 'hi' may be None only with 'bin_width' (an open range "
+                             "cannot be split into n_bins equal bins)")
+    else:
+        if isinstance(bin_width, bool) or not isinstance(bin_width, (int, float)) or not (
+                math.isfinite(bin_width) and bin_width > 0):
+            raise ValueError(f"binned_mi: argument 'bin_width' must be a finite number > 0, got {bin_width!r}")
+    if hi is not None and not (float(hi) > float(lo)):
         raise ValueError(f"binned_mi: arguments 'lo' and 'hi' must satisfy lo < hi, got lo={lo}, hi={hi}")
     if not t.dtype.is_floating_point:
         t = t.to(torch.float32)
@@ -57,9 +78,14 @@ def bin_indices(t: torch.Tensor, n_bins: int = 30, lo: float = -1.0, hi: float =
     v = t.detach().to(wide)
     if bool(torch.isnan(v).any()):
         raise ValueError("binned_mi: argument 't' contains NaN values")
-    v = v.clamp(float(lo), float(hi))
-    idx = torch.floor((v - float(lo)) / (float(hi) - float(lo)) * n_bins)
-    return idx.clamp_max(n_bins - 1).to(torch.int64)
+    v = v.clamp(float(lo), None if hi is None else float(hi))
+    if bin_width is None:
+        idx = torch.floor((v - float(lo)) / (float(hi) - float(lo)) * n_bins)
+        return idx.clamp_max(n_bins - 1).to(torch.int64)
+    idx = torch.floor((v - float(lo)) / float(bin_width))
+    if hi is not None:
+        idx = idx.clamp_max(math.ceil((float(hi) - float(lo)) / float(bin_width)) - 1)
+    return idx.to(torch.int64)
 
 
 def pattern_ids(bins: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -97,10 +123,11 @@ def _labels(y: torch.Tensor, n: int) -> torch.Tensor:
 def binned_mi(
     t: torch.Tensor,
     y: torch.Tensor,
-    n_bins: int = 30,
+    n_bins: int | None = 30,
     lo: float = -1.0,
-    hi: float = 1.0,
+    hi: float | None = 1.0,
     *,
+    bin_width: float | None = None,
     return_num_patterns: bool = False,
 ):
     """Binned information-plane coordinates of one layer, in bits.
@@ -109,8 +136,10 @@ def binned_mi(
         t: ``[N, ...]`` activations of one layer for ``N`` distinct inputs (flattened per sample),
             any floating dtype and device.
         y: ``[N]`` integer class labels (or ``[N, C]`` one-hot / scores, reduced by argmax).
-        n_bins: number of equal bins over ``[lo, hi]``.
-        lo, hi: bin range; values outside are clipped into the first / last bin.
+        n_bins: number of equal bins over ``[lo, hi]`` (ignored with ``bin_width``).
+        lo, hi: bin range; values outside are clipped into the first / last bin. With
+            ``bin_width``, ``hi=None`` leaves the range open above (:func:`bin_indices`).
+        bin_width: fixed bin width (same units as ``t``) instead of ``n_bins`` equal bins.
         return_num_patterns: also return the number of distinct patterns.
 
     Returns:
@@ -118,7 +147,7 @@ def binned_mi(
         ``i_ty = H(T) - sum_y p(y) H(T|Y=y)``; with ``return_num_patterns=True`` a
         :class:`BinnedMI` ``(i_xt, i_ty, n_patterns)``.
     """
-    bins = bin_indices(t, n_bins, lo, hi)
+    bins = bin_indices(t, n_bins, lo, hi, bin_width=bin_width)
     N = bins.shape[0]
     if N == 0:
         raise ValueError("binned_mi: argument 't' has no samples")

@@ -39,7 +39,8 @@ def kde_entropy_term(t: torch.Tensor, scale: float, *, backend: str = "auto") ->
     return math.log(n) - lse.mean()
 
 
-def kde_mi(t: torch.Tensor, y: torch.Tensor, noise_var: float, *, backend: str = "auto") -> dict:
+def kde_mi(t: torch.Tensor, y: torch.Tensor, noise_var: float, *, backend: str = "auto",
+           bounds: tuple[str, ...] = ("upper", "lower")) -> dict:
     """KDE upper and lower estimates of ``I(X;T)`` and ``I(T;Y)`` for one layer, in bits.
 
     Args:
@@ -49,10 +50,11 @@ def kde_mi(t: torch.Tensor, y: torch.Tensor, noise_var: float, *, backend: str =
         noise_var: ``sigma^2 > 0``, variance of the added Gaussian noise, in squared activation
             units. Smaller values push ``I(X;T)`` towards ``log2 N``.
         backend: passed to :func:`mmim_ext.kde_lse`.
+        bounds: which of ``"upper"`` and ``"lower"`` to compute (each costs the same).
 
     Returns:
         dict with float values ``i_xt_upper``, ``i_xt_lower``, ``i_ty_upper``, ``i_ty_lower``
-        (bits).
+        (bits), for the requested bounds.
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"kde_mi: argument 't' must be a torch.Tensor, got {type(t).__name__}")
@@ -60,6 +62,9 @@ def kde_mi(t: torch.Tensor, y: torch.Tensor, noise_var: float, *, backend: str =
         raise TypeError(f"kde_mi: argument 'noise_var' must be a float, got {type(noise_var).__name__}")
     if not (math.isfinite(noise_var) and noise_var > 0):
         raise ValueError(f"kde_mi: argument 'noise_var' must be finite and > 0, got {noise_var}")
+    scales = {"upper": 1.0 / (2.0 * noise_var), "lower": 1.0 / (8.0 * noise_var)}
+    if isinstance(bounds, str) or not bounds or any(b not in scales for b in bounds):
+        raise ValueError(f"kde_mi: argument 'bounds' must be a non-empty tuple of 'upper' and/or 'lower', got {bounds!r}")
     if t.dim() < 1 or t.shape[0] < 1:
         raise ValueError(f"kde_mi: argument 't' needs at least one sample, got shape {list(t.shape)}")
     t = t.detach().reshape(t.shape[0], -1)
@@ -76,7 +81,8 @@ def kde_mi(t: torch.Tensor, y: torch.Tensor, noise_var: float, *, backend: str =
     n = t.shape[0]
     out = {}
     with torch.no_grad():
-        for name, scale in (("upper", 1.0 / (2.0 * noise_var)), ("lower", 1.0 / (8.0 * noise_var))):
+        for name in dict.fromkeys(bounds):
+            scale = scales[name]
             h_t = float(kde_entropy_term(t, scale, backend=backend))
             h_t_given_y = 0.0
             for cls, cnt in zip(classes.tolist(), counts.tolist()):

@@ -77,8 +77,16 @@ class InfoPlaneRecorder:
         n_bins: bins per unit for the binned estimator.
         bin_range: ``(lo, hi)`` for every layer, ``None`` for each layer's own ``[min, max]`` at
             that epoch (the adaptive binning used for unbounded units such as ReLU), or a dict
-            ``{layer: (lo, hi) | None}``.
-        noise_var: ``sigma^2`` of the KDE estimator.
+            ``{layer: (lo, hi) | None}``. With ``bin_width``, ``hi`` may be ``None`` (open above).
+        bin_width: fixed bin width instead of ``n_bins`` equal bins (:func:`bin_indices`).
+        binnings: further binning schemes measured at the same time, ``{scheme: {"n_bins": ...,
+            "bin_width": ..., "bin_range": ...}}`` (same meanings, missing keys take the defaults
+            above); each record then holds ``record["binnings"][scheme] = {"i_xt", "i_ty",
+            "n_patterns", "lo", "hi"}`` (bits).
+        noise_var: ``sigma^2`` of the KDE estimator, or a sequence of them: the first gives the
+            flat ``i_xt_upper`` ... keys (both bounds), and with a sequence every value is also
+            stored as ``record["kde"]["<sigma^2>"]`` (bits; the later values with the upper bound
+            only, which halves their cost).
         kde: compute the KDE estimates too.
         transforms: optional ``{layer: fn}`` applied to the hooked output (e.g. softmax on logits).
         batch_size: evaluation batch size (``None``: all of ``x`` at once).
@@ -97,7 +105,9 @@ class InfoPlaneRecorder:
         n_points: int = 30,
         n_bins: int = 30,
         bin_range=(-1.0, 1.0),
-        noise_var: float = 0.1,
+        bin_width: float | None = None,
+        binnings: Mapping[str, Mapping] | None = None,
+        noise_var: float | Sequence[float] = 0.1,
         kde: bool = True,
         transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
         batch_size: int | None = None,
@@ -124,7 +134,22 @@ class InfoPlaneRecorder:
             self._epochs = {int(e) for e in schedule}
         self.n_bins = n_bins
         self.bin_range = bin_range
-        self.noise_var = float(noise_var)
+        self.bin_width = bin_width
+        self.binnings = {}
+        for scheme, spec in (binnings or {}).items():
+            unknown = set(spec) - {"n_bins", "bin_width", "bin_range"}
+            if unknown:
+                raise ValueError(f"InfoPlaneRecorder: binning scheme {scheme!r} has unknown keys {sorted(unknown)}")
+            self.binnings[str(scheme)] = {"n_bins": spec.get("n_bins", n_bins), "bin_width": spec.get("bin_width"),
+                                          "bin_range": spec.get("bin_range", (-1.0, 1.0))}
+        if isinstance(noise_var, (int, float)) and not isinstance(noise_var, bool):
+            self.noise_vars = None
+            self.noise_var = float(noise_var)
+        else:
+            self.noise_vars = [float(v) for v in noise_var]
+            if not self.noise_vars:
+                raise ValueError("InfoPlaneRecorder: argument 'noise_var' is an empty sequence")
+            self.noise_var = self.noise_vars[0]
         self.kde = kde
         self.transforms = dict(transforms or {})
         unknown = set(self.transforms) - set(self.layers)
@@ -180,22 +205,23 @@ class InfoPlaneRecorder:
             acts[name] = t.reshape(t.shape[0], -1)
         return acts
 
-    def _range(self, name: str, t: torch.Tensor) -> tuple[float, float]:
-        rng = self.bin_range.get(name, (-1.0, 1.0)) if isinstance(self.bin_range, Mapping) else self.bin_range
+    @staticmethod
+    def _range(bin_range, name: str, t: torch.Tensor) -> tuple[float, float | None]:
+        rng = bin_range.get(name, (-1.0, 1.0)) if isinstance(bin_range, Mapping) else bin_range
         if rng is None:
             lo, hi = float(t.min()), float(t.max())
             if not hi > lo:  # a constant layer: one bin holds everything
                 hi = lo + 1.0
             return lo, hi
-        return float(rng[0]), float(rng[1])
+        return float(rng[0]), None if rng[1] is None else float(rng[1])
 
     def record(self, epoch: int) -> list[dict]:
         """Measure every layer now and append one record per layer; returns the new records."""
         acts = self.activations()
         new = []
         for order, (name, t) in enumerate(acts.items()):
-            lo, hi = self._range(name, t)
-            res = binned_mi(t, self.y, self.n_bins, lo, hi, return_num_patterns=True)
+            lo, hi = self._range(self.bin_range, name, t)
+            res = binned_mi(t, self.y, self.n_bins, lo, hi, bin_width=self.bin_width, return_num_patterns=True)
             rec = {
                 "epoch": int(epoch),
                 "layer": name,
@@ -207,8 +233,22 @@ class InfoPlaneRecorder:
                 "i_ty_bin": res.i_ty,
                 "n_patterns": res.n_patterns,
             }
+            if self.binnings:
+                rec["binnings"] = {}
+                for scheme, spec in self.binnings.items():
+                    slo, shi = self._range(spec["bin_range"], name, t)
+                    r = binned_mi(t, self.y, spec["n_bins"], slo, shi, bin_width=spec["bin_width"],
+                                  return_num_patterns=True)
+                    rec["binnings"][scheme] = {"i_xt": r.i_xt, "i_ty": r.i_ty, "n_patterns": r.n_patterns,
+                                               "lo": slo, "hi": shi}
             if self.kde:
-                rec.update(kde_mi(t, self.y, self.noise_var, backend=self.backend))
+                if self.noise_vars is None:
+                    rec.update(kde_mi(t, self.y, self.noise_var, backend=self.backend))
+                else:
+                    rec["kde"] = {f"{v:g}": kde_mi(t, self.y, v, backend=self.backend,
+                                                   bounds=("upper", "lower") if i == 0 else ("upper",))
+                                  for i, v in enumerate(self.noise_vars)}
+                    rec.update(rec["kde"][f"{self.noise_var:g}"])
             new.append(rec)
         self.records.extend(new)
         return new
@@ -216,17 +256,17 @@ class InfoPlaneRecorder:
     # ---- output --------------------------------------------------------------------------
 
     def config(self) -> dict:
-        rng = self.bin_range
-        if isinstance(rng, Mapping):
-            rng = {k: (list(v) if v is not None else None) for k, v in rng.items()}
-        elif rng is not None:
-            rng = list(rng)
         return {
             "layers": list(self.layers),
             "n_samples": int(self.x.shape[0]),
-            "n_bins": self.n_bins,
-            "bin_range": rng,
+            "n_bins": None if self.bin_width is not None else self.n_bins,
+            "bin_width": self.bin_width,
+            "bin_range": _range_json(self.bin_range),
+            "binnings": {k: {"n_bins": None if v["bin_width"] is not None else v["n_bins"],
+                             "bin_width": v["bin_width"], "bin_range": _range_json(v["bin_range"])}
+                         for k, v in self.binnings.items()},
             "noise_var": self.noise_var,
+            "noise_vars": self.noise_vars,
             "kde": self.kde,
             "schedule": None if self._epochs is None else sorted(self._epochs),
             "units": "bits",
@@ -243,9 +283,9 @@ class InfoPlaneRecorder:
         if not self.records:
             raise RuntimeError("InfoPlaneRecorder.to_csv: nothing recorded yet")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        keys = list(self.records[0])
+        keys = [k for k, v in self.records[0].items() if not isinstance(v, dict)]
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
             w.writerows(self.records)
 
@@ -259,6 +299,12 @@ class InfoPlaneRecorder:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             fig.savefig(path, dpi=120)
         return fig
+
+
+def _range_json(rng):
+    if isinstance(rng, Mapping):
+        return {k: (list(v) if v is not None else None) for k, v in rng.items()}
+    return None if rng is None else list(rng)
 
 
 def _new_figure(size):
