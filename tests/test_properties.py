@@ -10,7 +10,7 @@ What is drawn
     a step, at a storage offset or expanded (stride 0), the gaps of the strided ones filled with
     NaN (or an out-of-range index) so that a kernel reading outside the view fails; zero,
     subnormal, tiny and huge critic weights (the threshold form's fallbacks); large logits; R
-    split into groups of rows (``ops.FUSED_SCRATCH_BYTES`` shrunk); 1 or 2 intra-op threads;
+    split into groups of rows (``mmim_ext.ops.critic_stats.FUSED_SCRATCH_BYTES`` shrunk); 1 or 2 intra-op threads;
     any subset of the inputs requiring gradients; P = 0 in its own test. kde_lse: N (0 in its
     own test), M, d (0 included), scale (0 included), points far apart, ``y`` the same tensor as
     ``x``, the same layouts.
@@ -70,8 +70,8 @@ from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 
 import mmim_ext
-from mmim_ext import ops as ops_mod
-from mmim_ext.kde_ops import kde_fused_available, kde_lse, kde_lse_reference
+from mmim_ext.ops import critic_stats as ops_mod
+from mmim_ext.ops.kde import kde_fused_available, kde_lse, kde_lse_reference
 
 from conftest import DEVICES
 
