@@ -234,7 +234,7 @@ def test_cuda_all_permutation_rows_in_one_call(monkeypatch):
     """The CPU path splits R into groups to bound its scratch; on CUDA one call takes all rows."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from mmim_ext import ops
+    from mmim_ext.ops import critic_stats as ops
 
     class CountFwd(TorchDispatchMode):
         calls = 0
