@@ -465,6 +465,21 @@ def _check_grad(what, got, ref, rel, mask=None):
         f"{what}: max error {err.max().item():.3g} > {rel * scale:.3g} (scale {scale:.3g})")
 
 
+def _critic_nonfinite_pairs(case) -> torch.Tensor:
+    """``[P]`` bool: the pairs whose critic (wa, wb, b, v, c) holds a non-finite value; with a
+    shared critic every pair or none."""
+    _, views = case.tensors(exact=True)
+    bad = torch.zeros(case.P, dtype=torch.bool)
+    for name in ("wa", "wb", "b", "v", "c"):
+        t = views[name].detach()
+        nonfin = ~torch.isfinite(t)
+        if t.dim() == 0 or (name != "c" and t.dim() == 1):  # shared critic
+            bad |= bool(nonfin.any())
+        else:
+            bad |= nonfin.reshape(case.P, -1).any(1)
+    return bad
+
+
 def _untouched(case, bad_pairs):
     """Per argument, the leaf entries whose gradient depends on no pair in `bad_pairs` (``[P]``
     bool): the other pairs' critic rows, the units outside those pairs, a shared critic only
@@ -543,6 +558,20 @@ def _compare(case, got, ref, device, what, linear, nonfinite):
     lme_fin = ref["lme"][torch.isfinite(ref["lme"])]
     grel = _grad_rel(case.dtype, device, case.K, size_max, lme_fin.abs().max().item() if lme_fin.numel() else 0.0)
     bad_pairs = ~(torch.isfinite(ref["t_joint"]) & torch.isfinite(ref["lme"]))
+    if nonfinite and what == "fused":
+        # The fused kernels' contract for a diverged critic: every gradient that a critic with a
+        # non-finite parameter feeds is NaN (its rows, a shared critic's whole gradient, its two
+        # units' columns of h), even where the definition's limit is finite (b = -inf closes a
+        # gate: the definition's derivative there is 0).
+        crit_bad = _critic_nonfinite_pairs(case)
+        if crit_bad.any():
+            fed = _untouched(case, crit_bad)
+            for name in ("h", "wa", "wb", "b", "v", "c"):
+                if name in got["grads"]:
+                    g = got["grads"][name].detach().cpu()
+                    assert not torch.isfinite(g[~fed[name]]).any(), (
+                        f"{what}: grad {name} is finite where a critic with a non-finite parameter feeds it")
+            bad_pairs = bad_pairs | crit_bad
     masks = _untouched(case, bad_pairs) if bad_pairs.any() else {}
     if nonfinite:
         # and where the definition's autograd is finite: an inf weight behind a closed ReLU gate
