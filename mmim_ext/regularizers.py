@@ -14,9 +14,10 @@ Contract of every feature regularizer (used by :mod:`mmim_ext.training` and the 
     loss = task_loss + lam * penalty
 
 In training mode the call first runs ``critic_steps`` adversarial updates of the regularizer's
-own critics on ``features.detach()`` with its own optimizer (maximizing the MI bounds), then
-returns the penalty (a scalar, nats) computed with the updated critics held fixed, so the
-gradient flows only into the features. In eval mode no critic is updated. ``reg.terms`` holds
+own critics on ``features.detach()`` with its own optimizer (maximizing the MI bounds, through
+every term's ``critic_loss``), then returns the penalty (a scalar, nats; every term's
+``penalty``) computed with the updated critics held fixed, so the gradient flows only into the
+features. In eval mode no critic is updated. ``reg.terms`` holds
 the latest float value of every active term, e.g. ``{"c4": 0.8, "c5": -0.3, "c6": -1.2}``
 (unweighted, signed as above).
 
@@ -87,14 +88,25 @@ class MMIMRegularizer(nn.Module):
             of product-of-marginals draws in ``"total"`` mode.
         max_pairs: evaluate a random subset of this many pairs per call (``None``: all).
         ema, smile_clip: see :class:`mmim_ext.PairwiseMINE`.
+        seed: seed of the regularizer's own generator (pair subsets) and of its critics'
+            generators (negatives: ``seed + 1`` for C4, ``seed + 2`` for C5); ``None`` draws them
+            from PyTorch's global generator.
         backend: forwarded to :func:`mmim_ext.pair_stats`.
+
+    C5's critics see the label (``num_classes``: class-specific pairwise critics, or a joint
+    critic on ``[h, onehot(y)]`` in ``"total"`` mode); see :class:`mmim_ext.PairwiseMINE` for
+    their memory cost (``C``-fold that of C4's critics).
+
+    ``state_dict()`` holds everything a run needs to continue bitwise as if it had not stopped:
+    the critics, their moving averages, the critic optimizer's state and the random state of
+    the pair subsets and negatives (``get_extra_state``).
     """
 
     def __init__(self, num_units: int, num_classes: int, *, c4: float = 1.0, c5: float = 1.0, c6: float = 1.0,
                  mode: str = "pairwise", hidden: int = 16, tc_hidden: int = 64, tc_layers: int = 2,
                  critic_lr: float = 1e-3, critic_steps: int = 1, estimator: str = "mine",
                  negatives: str = "shuffle", num_negatives: int = 1, max_pairs: int | None = None,
-                 ema: float = 0.01, smile_clip: float = 5.0, backend: str = "auto"):
+                 ema: float = 0.01, smile_clip: float = 5.0, seed: int | None = None, backend: str = "auto"):
         super().__init__()
         owner = "MMIMRegularizer"
         check_positive_int(owner, "num_units", num_units, 2)
@@ -117,23 +129,38 @@ class MMIMRegularizer(nn.Module):
         self.mode = mode
         self.critic_steps = critic_steps
         self.max_pairs = max_pairs if mode == "pairwise" else None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"{owner}: argument 'seed' must be None or an int >= 0, got {seed!r}")
 
-        def redundancy():
+        def redundancy(conditional, offset):
+            sub_seed = None if seed is None else seed + offset
+            classes = num_classes if conditional else None
             if mode == "pairwise":
                 return PairwiseMINE(num_units, hidden=hidden, estimator=estimator, negatives=negatives,
                                     num_negatives=num_negatives, ema=ema, smile_clip=smile_clip,
-                                    backend=backend)
+                                    num_classes=classes, seed=sub_seed, backend=backend)
             return TotalCorrelationMINE(num_units, hidden=tc_hidden, layers=tc_layers, estimator=estimator,
-                                        num_negatives=num_negatives, ema=ema, smile_clip=smile_clip)
+                                        num_negatives=num_negatives, ema=ema, smile_clip=smile_clip,
+                                        num_classes=classes, seed=sub_seed)
 
-        # I(h) and I(h|Y) have different optimal critics (log p(a,b)/p(a)p(b) vs the same
-        # ratio within a class), so they get separate critics.
-        self.c4_critic = redundancy() if c4 != 0 else None
-        self.c5_critic = redundancy() if c5 != 0 else None
+        # I(h) and I(h|Y) have different optimal critics (log p(a,b)/p(a)p(b) vs the ratio
+        # within each class, which depends on the class), so they get separate critics and C5's
+        # see the label.
+        self.c4_critic = redundancy(False, 1) if c4 != 0 else None
+        self.c5_critic = redundancy(True, 2) if c5 != 0 else None
         self.c6_critic = (UnitLabelMINE(num_units, num_classes, hidden=hidden, estimator=estimator, ema=ema,
                                         smile_clip=smile_clip) if c6 != 0 else None)
         self.critic_optimizer = critic_adam(self.parameters(), critic_lr)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else seed)
         self.terms: dict[str, float] = {}
+
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state(), "critic_optimizer": self.critic_optimizer.state_dict()}
+
+    def set_extra_state(self, state) -> None:
+        self.generator.set_state(state["generator"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def _pair_index(self, device):
         if self.max_pairs is None:
@@ -141,27 +168,17 @@ class MMIMRegularizer(nn.Module):
         P = self.num_units * (self.num_units - 1) // 2
         if self.max_pairs >= P:
             return None, 1.0
-        idx = torch.randperm(P, device=device)[: self.max_pairs]
+        idx = torch.randperm(P, generator=self.generator)[: self.max_pairs].to(device)
         return idx, P / self.max_pairs
 
-    def _term(self, name, h, labels, index, scale, compute_loss):
-        """(signed term value, critic loss) for one term."""
-        if name == "c6":
-            est, loss = self.c6_critic(h, labels, compute_loss=compute_loss)
-            return -est.sum(), loss
-        critic = self.c4_critic if name == "c4" else self.c5_critic
-        lab = labels if name == "c5" else None
-        if self.mode == "pairwise" and not compute_loss:
-            # The penalty through frozen critics: one pass of the fused op where it applies.
-            _, val = critic.penalty(h, lab, index, coef=scale)
-            loss = None
-        elif self.mode == "pairwise":
-            # A critic update: one pass of the fused op where it applies (critic_loss).
-            est, loss = critic.critic_loss(h, lab, index)
-            val = est.sum() * scale
-        else:
-            val, loss = critic(h, lab, compute_loss=compute_loss)
-        return (val if name == "c4" else -val), loss
+    def _terms(self):
+        """``(name, critic, sign, takes_labels, takes_pair_index)`` of every active term."""
+        out = []
+        for name, sign, takes_labels in (("c4", 1.0, False), ("c5", -1.0, True), ("c6", -1.0, True)):
+            critic = getattr(self, f"{name}_critic")
+            if critic is not None:
+                out.append((name, critic, sign, takes_labels, isinstance(critic, PairwiseMINE)))
+        return out
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Critic updates (training mode), then the penalty (scalar tensor, nats)."""
@@ -170,23 +187,34 @@ class MMIMRegularizer(nn.Module):
         if not bool(torch.isfinite(features.detach()).all()):
             raise ValueError(f"{owner}: argument 'features' contains NaN or infinite values")
         check_labels(owner, labels, features.shape[0], self.num_classes)
-        active = [k for k, w in self.weights.items() if w != 0]
         index, scale = self._pair_index(features.device)
+        terms = self._terms()
+
+        def args(takes_labels, takes_pairs):
+            kw = {"pair_index": index} if takes_pairs else {}
+            return (labels if takes_labels else None), kw
+
         if self.training and self.critic_steps > 0:
             detached = features.detach()
             with torch.enable_grad():
                 for _ in range(self.critic_steps):
-                    loss = sum(self._term(k, detached, labels, index, scale, True)[1] for k in active)
+                    loss = 0.0
+                    for _, critic, _, takes_labels, takes_pairs in terms:
+                        lab, kw = args(takes_labels, takes_pairs)
+                        loss = loss + critic.critic_loss(detached, lab, **kw)[1]
                     self.critic_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.critic_optimizer.step()
         penalty = features.new_zeros(())
-        terms = {}
-        for k in active:
-            val, _ = self._term(k, features, labels, index, scale, False)
-            terms[k] = float(val.detach())
-            penalty = penalty + self.weights[k] * val.to(penalty.dtype)
-        self.terms = terms
+        values = {}
+        for name, critic, sign, takes_labels, takes_pairs in terms:
+            lab, kw = args(takes_labels, takes_pairs)
+            # A pair subset's sum is rescaled by P / max_pairs (scale is 1 for the other terms).
+            coef = sign * (scale if takes_pairs else 1.0)
+            _, val = critic.penalty(features, lab, **kw, coef=coef)
+            values[name] = float(val.detach())
+            penalty = penalty + self.weights[name] * val.to(penalty.dtype)
+        self.terms = values
         return penalty
 
     def extra_repr(self) -> str:
@@ -232,13 +260,13 @@ class LabelMIRegularizer(nn.Module):
             detached = features.detach()
             with torch.enable_grad():
                 for _ in range(self.critic_steps):
-                    _, loss = self.critic(detached, labels)
+                    _, loss = self.critic.critic_loss(detached, labels)
                     self.critic_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.critic_optimizer.step()
-        est, _ = self.critic(features, labels, compute_loss=False)
-        self.terms = {"iyh": float(est.detach())}
-        return -est
+        est, value = self.critic.penalty(features, labels, coef=-1.0)
+        self.terms = {"iyh": float(est)}
+        return value
 
 
 def make_regularizer(name: str, num_units: int, num_classes: int, **kw) -> nn.Module:

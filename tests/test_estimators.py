@@ -62,11 +62,52 @@ def test_make_perms_are_permutations_within_class(negatives, conditional):
         assert perms.shape[0] == 5
     if conditional:
         assert torch.equal(labels[perms], labels.expand_as(perms))
-    if negatives != "shuffle":
-        # shifts never pair a sample with itself (classes with >= 2 members)
-        counts = torch.bincount(labels)[labels] if conditional else torch.full((B,), B)
-        fixed = perms == torch.arange(B)
-        assert not bool(fixed[:, counts > 1].any())
+    # no negative pairs a sample with itself (classes with >= 2 members)
+    counts = torch.bincount(labels)[labels] if conditional else torch.full((B,), B)
+    fixed = perms == torch.arange(B)
+    assert not bool(fixed[:, counts > 1].any())
+
+
+@pytest.mark.parametrize("negatives", ["shuffle", "shift", "all"])
+def test_make_perms_have_no_fixed_points_over_many_draws(negatives):
+    # Classes of sizes 1 (maps to itself, documented), 2, 3 and 11, and the unconditional batch:
+    # over 400 calls no sample is ever its own negative outside the singleton class.
+    labels = torch.tensor([3] + [0] * 2 + [1] * 3 + [2] * 11)
+    B = labels.numel()
+    g = torch.Generator().manual_seed(1)
+    for lab in (labels, None):
+        fixed = torch.zeros(B, dtype=torch.int64)
+        for _ in range(400):
+            perms = mmim_ext.make_perms(B, negatives, 2, lab, generator=g)
+            assert torch.equal(perms.sort(1).values, torch.arange(B).expand_as(perms))
+            if lab is not None:
+                assert torch.equal(lab[perms], lab.expand_as(perms))
+            fixed += (perms == torch.arange(B)).sum(0)
+        if lab is None:
+            assert int(fixed.sum()) == 0
+        else:
+            assert int(fixed[1:].sum()) == 0 and int(fixed[0]) == 400 * perms.shape[0]
+
+
+def test_shuffle_draws_every_derangement_uniformly():
+    # B = 4 has 9 derangements (six 4-cycles and three pairs of swaps); 9000 draws: each must
+    # appear about 1000 times (binomial sd 32; the bounds are 5 sd). A sampler of single cycles
+    # (Sattolo) or one that fixes fixed points by local swaps fails this.
+    from collections import Counter
+    from itertools import permutations
+
+    g = torch.Generator().manual_seed(2)
+    perms = mmim_ext.make_perms(4, "shuffle", 9000, generator=g)
+    seen = Counter(tuple(r) for r in perms.tolist())
+    derangements = {p for p in permutations(range(4)) if all(p[i] != i for i in range(4))}
+    assert set(seen) == derangements
+    assert all(840 <= n <= 1160 for n in seen.values()), seen
+    # Within classes: a class of 3 has two derangements, a class of 4 nine; all appear.
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 1])
+    perms = mmim_ext.make_perms(7, "shuffle", 3000, labels, generator=g)
+    c0 = {tuple(r) for r in perms[:, [0, 2, 4]].tolist()}
+    c1 = {tuple(r) for r in perms[:, [1, 3, 5, 6]].tolist()}
+    assert len(c0) == 2 and len(c1) == 9
 
 
 def test_make_perms_all_covers_every_other_sample():
@@ -131,41 +172,77 @@ def test_pair_index_and_shared_critic():
     assert est.shape == (6,) and loss.dim() == 0 and shared.wa.shape == (1, 4)
 
 
+def expected_pairwise(mod, h, labels, pair_index, generator, negatives=None, num_negatives=None):
+    """PairwiseMINE's estimates written out from the op (reference backend): the batch
+    standardized, split by class (classes with >= 2 samples, weights = their batch frequencies
+    renormalized), each class scored by its own critics on its rows with negatives drawn by
+    make_perms from ``generator`` in class order. Differentiable w.r.t. h."""
+    from mmim_ext.estimators.bounds import standardize
+
+    negatives = negatives or mod.negatives
+    R = num_negatives or mod.num_negatives
+    hs = standardize(h) if mod.standardize else h
+    pairs = mod.pairs if pair_index is None else mod.pairs[pair_index]
+    params = [p.detach() for p in (mod.wa, mod.wb, mod.b, mod.v, mod.c)]
+    if mod.num_classes is None:
+        groups = [(None, torch.arange(h.shape[0]), 1.0)]
+    else:
+        counts = torch.bincount(labels, minlength=mod.num_classes)
+        keep = [y for y in range(mod.num_classes) if counts[y] >= 2]
+        total = float(sum(counts[y] for y in keep))
+        groups = [(y, (labels == y).nonzero().squeeze(1), float(counts[y]) / total) for y in keep]
+    est = 0.0
+    for y, rows, w in groups:
+        ps = params if y is None else [p[y] for p in params]
+        ps = [p[0] for p in ps] if not mod.per_pair else [p if pair_index is None else p[pair_index] for p in ps]
+        r = R if negatives == "shuffle" or y is None else min(R, rows.numel() - 1)
+        perms = mmim_ext.make_perms(rows.numel(), negatives, r, generator=generator)
+        t, l = mmim_ext.pair_stats(hs[rows], *ps, perms, pairs, backend="reference")
+        est = est + w * (t - torch.exp(l - 1) if mod.estimator == "nwj" else t - l)
+    return est
+
+
+def generator_copy(mod):
+    g = torch.Generator()
+    g.set_state(mod.generator.get_state())
+    return g
+
+
+UNEVEN = torch.tensor([0] * 30 + [1] * 17 + [2])  # class 2 has one sample: skipped, weights over 47
+
+
 @pytest.mark.parametrize("estimator", ["mine", "nwj"])
 @pytest.mark.parametrize("per_pair", [True, False])
 @pytest.mark.parametrize("subset", [False, True])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_penalty_matches_the_frozen_forward(estimator, per_pair, subset, conditional):
-    # penalty() (for "mine" through pair_stats_linear's one pass) against the general path it
-    # replaces: coef * forward(compute_loss=False)[0].sum(), same value, gradient w.r.t. h and
-    # recorded estimates; no gradient reaches the critics and the EMA is left alone.
+def test_penalty_matches_the_op(estimator, per_pair, subset, conditional):
+    # penalty() (for "mine" through pair_stats_linear's one pass, per class for a conditional
+    # module) against the estimates written out from the op with the same negatives: value,
+    # gradient w.r.t. h and recorded estimates; no gradient reaches the critics and the moving
+    # average is left alone.
     B, m, coef = 48, 5, -2.5
     g = torch.Generator().manual_seed(3)
     h = torch.randn(B, m, generator=g, dtype=torch.float64).requires_grad_(True)
-    labels = torch.arange(B) % 3 if conditional else None
+    labels = UNEVEN[torch.randperm(B, generator=g)] if conditional else None
     idx = torch.tensor([7, 0, 4]) if subset else None
     torch.manual_seed(0)
-    mod = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator)
+    mod = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator,
+                                num_classes=3 if conditional else None, seed=11).double()
     ema_before = None if mod._ema is None else mod._ema.log_acc.clone()
-    torch.manual_seed(1)  # the same negatives for both calls
-    est0, loss0 = mod(h, labels, idx, compute_loss=False)
-    want = coef * est0.sum()
-    (g_want,) = torch.autograd.grad(want, h)
-    last0 = mod.last.clone()
-    mod.last.zero_()
-    torch.manual_seed(1)
-    est1, value = mod.penalty(h, labels, idx, coef=coef)
+    want = expected_pairwise(mod, h, labels, idx, generator_copy(mod))
+    (g_want,) = torch.autograd.grad(coef * want.sum(), h)
+    est, value = mod.penalty(h, labels, idx, coef=coef)
     (g_got,) = torch.autograd.grad(value, h)
-    assert loss0 is None and value.dim() == 0 and not est1.requires_grad
-    assert torch.allclose(value, want, rtol=1e-10, atol=1e-12)
+    assert value.dim() == 0 and not est.requires_grad
+    assert torch.allclose(value, coef * want.sum(), rtol=1e-10, atol=1e-12)
     assert torch.allclose(g_got, g_want, rtol=1e-9, atol=1e-12)
-    assert torch.allclose(est1, est0.detach(), rtol=1e-10, atol=1e-12)
-    assert torch.equal(mod.last, last0)
+    assert torch.allclose(est, want.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(mod.last if idx is None else mod.last[idx], want.detach(), rtol=1e-10, atol=1e-12)
     assert all(p.grad is None for p in mod.parameters())
     if ema_before is not None:
         assert torch.equal(mod._ema.log_acc, ema_before)
     with pytest.raises(ValueError, match="'coef'"):
-        mod.penalty(h, coef=float("nan"))
+        mod.penalty(h, labels, coef=float("nan"))
 
 
 @pytest.mark.parametrize("estimator, training, backend", [("mine", True, "auto"), ("mine", False, "auto"),
@@ -173,32 +250,34 @@ def test_penalty_matches_the_frozen_forward(estimator, per_pair, subset, conditi
 @pytest.mark.parametrize("per_pair", [True, False])
 @pytest.mark.parametrize("subset", [False, True])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_critic_loss_matches_forward(estimator, training, backend, per_pair, subset, conditional, monkeypatch):
-    # critic_loss() (for "mine" in training mode on the kernel the one pass with the
-    # moving-average rule; with the reference backend the general path, forward's loss with the
-    # negatives critic_loss drew) against forward() over three updates: loss, estimates, every
-    # critic gradient and the moving average's state.
+def test_critic_loss_matches_the_reference_path(estimator, training, backend, per_pair, subset, conditional,
+                                                monkeypatch):
+    # critic_loss() picks its kernel: for "mine" on the compiled CPU kernel the one pass (with the
+    # moving-average rule in training mode, pair_stats_linear's plain DV loss in eval mode). It is
+    # checked over three updates against the same module on backend="reference" (pair_stats'
+    # reference and autograd): loss, estimates, every critic gradient and the moving average.
     import copy
 
     from mmim_ext.estimators import pairwise as estimators
 
-    one_pass = estimator == "mine" and training and backend != "reference" and FUSED
-    calls = []
-    real = estimators.pair_stats_mine_loss
-    monkeypatch.setattr(estimators, "pair_stats_mine_loss", lambda *a: calls.append(1) or real(*a))
+    one_pass = estimator == "mine" and backend != "reference" and FUSED
+    calls = {"mine": 0, "linear": 0}
+    for name, key in (("pair_stats_mine_loss", "mine"), ("pair_stats_linear", "linear")):
+        real = getattr(estimators, name)
+        monkeypatch.setattr(estimators, name, lambda *a, _r=real, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1) or _r(*a, **k))
     B, m = 40, 5
     g = torch.Generator().manual_seed(6)
-    labels = torch.arange(B) % 3 if conditional else None
+    labels = torch.cat([UNEVEN[:B - 1].roll(7), UNEVEN[-1:]]) if conditional else None
     idx = torch.tensor([7, 0, 4]) if subset else None
     torch.manual_seed(0)
-    ref = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator, backend=backend)
-    ref = ref.double().train(training)
-    mod = copy.deepcopy(ref)
+    mod = mmim_ext.PairwiseMINE(m, hidden=6, per_pair=per_pair, estimator=estimator, backend=backend,
+                                num_classes=3 if conditional else None)
+    mod = mod.double().train(training)
+    ref = copy.deepcopy(mod)  # the same generator state: the same negatives
+    ref.backend = "reference"
     for step in range(3):
         h = torch.randn(B, m, generator=g, dtype=torch.float64)
-        torch.manual_seed(100 + step)  # the same negatives for both
-        est0, loss0 = ref(h, labels, idx)
-        torch.manual_seed(100 + step)
+        est0, loss0 = ref.critic_loss(h, labels, idx)
         est1, loss1 = mod.critic_loss(h, labels, idx)
         for x in (ref, mod):
             x.zero_grad(set_to_none=True)
@@ -211,7 +290,76 @@ def test_critic_loss_matches_forward(estimator, training, backend, per_pair, sub
         for b0, b1 in zip(ref.buffers(), mod.buffers()):
             assert torch.equal(b0.isfinite(), b1.isfinite())
             assert torch.allclose(b1[b1.isfinite()], b0[b0.isfinite()], rtol=1e-12, atol=1e-12)
-    assert len(calls) == (3 if one_pass else 0)  # the path the case names ran
+    # the path the case names ran (once per class with two or more samples)
+    calls_per_step = 2 if conditional else 1
+    assert calls["mine"] == (3 * calls_per_step if one_pass and training else 0)
+    assert calls["linear"] == (3 * calls_per_step if one_pass and not training else 0)
+
+
+def test_forward_dispatches_on_what_autograd_needs():
+    # forward() is critic_loss() while a critic parameter requires grad and autograd records,
+    # penalty() otherwise; forward(compute_loss=False) is a deprecated alias of the frozen
+    # estimates (with gradient w.r.t. h, loss None), as before.
+    h = gaussian_pairs([0.6, 0.2], 64, 0).double().requires_grad_(True)
+    mod = mmim_ext.PairwiseMINE(4, hidden=8, negatives="all").double()
+    est, loss = mod(h)
+    want_est, want_loss = mod.critic_loss(h)
+    assert torch.allclose(loss, want_loss, rtol=1e-12) and loss.grad_fn is not None
+    with torch.no_grad():
+        est, value = mod(h)
+    assert torch.allclose(value, mod.penalty(h)[1], rtol=1e-12)
+    mod.requires_grad_(False)
+    est, value = mod(h, coef=-2.0)
+    assert torch.allclose(value, -2.0 * est.sum(), rtol=1e-12) and value.requires_grad
+    mod.requires_grad_(True)
+    with pytest.warns(DeprecationWarning, match="penalty"):
+        old_est, old_loss = mod(h, compute_loss=False)
+    assert old_loss is None and old_est.requires_grad and old_est.shape == (6,)
+    assert torch.allclose(old_est.detach(), mod.penalty(h)[0], rtol=1e-12)
+    (gh,) = torch.autograd.grad(old_est.sum(), h)
+    (gp,) = torch.autograd.grad(mod.penalty(h)[1], h)
+    assert torch.allclose(gh, gp, rtol=1e-9, atol=1e-12)
+    assert all(p.grad is None for p in mod.parameters())
+
+
+@pytest.mark.parametrize("kind", ["tc", "vector", "unit_label"])
+def test_every_estimator_has_the_same_entry_points(kind):
+    # critic_loss -> (estimates, 0-d loss); penalty -> (estimates without gradient, 0-d value =
+    # coef * sum of the estimates, differentiable w.r.t. the features only); evaluate -> tensor;
+    # forward dispatches like PairwiseMINE's.
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(64, 3, generator=g).requires_grad_(True)
+    y = torch.randint(0, 2, (64,), generator=g)
+    torch.manual_seed(0)
+    if kind == "tc":
+        mod, args, shape = mmim_ext.TotalCorrelationMINE(3, hidden=8), (h, None), ()
+    elif kind == "vector":
+        mod, args, shape = mmim_ext.VectorMINE(2, 1, hidden=8), (h[:, :2], h[:, 2]), ()
+    else:
+        mod, args, shape = mmim_ext.UnitLabelMINE(3, 2, hidden=8), (h, y), (3,)
+    est, loss = mod.critic_loss(*args)
+    assert est.shape == shape and loss.dim() == 0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None for p in mod.parameters())
+    mod.zero_grad(set_to_none=True)
+    h.grad = None
+    state = mod.state_dict()["_extra_state"]  # the random state of the negatives
+    est, value = mod.penalty(*args, coef=-1.5)
+    assert est.shape == shape and not est.requires_grad and value.dim() == 0
+    assert torch.allclose(value, -1.5 * est.sum(), rtol=1e-6)
+    value.backward()
+    assert h.grad is not None and all(p.grad is None for p in mod.parameters())
+    ev = mod.evaluate(*args)
+    assert isinstance(ev, torch.Tensor) and ev.shape == shape and not ev.requires_grad
+    with torch.no_grad():
+        mod.set_extra_state(state)
+        est2, value2 = mod(*args)  # no autograd: the penalty
+    assert torch.allclose(est2, est) and torch.allclose(value2, est.sum())
+    with pytest.warns(DeprecationWarning):
+        old, none = mod(*args, compute_loss=False)
+    assert none is None and old.requires_grad and old.shape == shape
+    with pytest.raises(ValueError, match="'coef'"):
+        mod.penalty(*args, coef=float("inf"))
 
 
 @pytest.mark.skipif(not FUSED, reason="compiled extension not built")

@@ -51,11 +51,11 @@ def test_label_mi_independent_is_zero():
 def test_label_mine_bad_input():
     mod = LabelMINE(4, 3)
     with pytest.raises(ValueError, match="labels"):
-        mod(torch.randn(8, 4), None)
+        mod.critic_loss(torch.randn(8, 4), None)
     with pytest.raises(ValueError, match="columns"):
-        mod(torch.randn(8, 5), torch.zeros(8, dtype=torch.int64))
+        mod.penalty(torch.randn(8, 5), torch.zeros(8, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
-        mod(torch.randn(8, 4), torch.full((8,), 3))
+        mod.evaluate(torch.randn(8, 4), torch.full((8,), 3))
     with pytest.raises(ValueError, match="16 training"):
         estimate_label_mi(torch.randn(20, 2), torch.randint(0, 2, (20,)))
     with pytest.raises(ValueError, match="estimator"):
@@ -68,14 +68,17 @@ def test_label_mine_frozen_penalty_moves_only_features(estimator):
     mod = LabelMINE(5, 3, estimator=estimator)
     h = torch.randn(32, 5, requires_grad=True)
     y = torch.randint(0, 3, (32,))
-    est, loss = mod(h, y, compute_loss=False)
-    assert loss is None
-    est.backward()
+    est, value = mod.penalty(h, y, coef=2.0)
+    assert not est.requires_grad and value.item() == pytest.approx(2.0 * est.item(), abs=1e-6)
+    value.backward()
     assert h.grad is not None and all(p.grad is None for p in mod.parameters())
-    est2, loss2 = mod(h.detach(), y)
+    est2, loss2 = mod.critic_loss(h.detach(), y)
     assert est2.item() == pytest.approx(est.item(), abs=1e-6)
     loss2.backward()
     assert all(p.grad is not None for p in mod.parameters())
+    assert float(mod.evaluate(h.detach(), y)) == pytest.approx(est.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="NaN"):
+        mod.evaluate(torch.full((8, 5), float("nan")), torch.zeros(8, dtype=torch.int64))
 
 
 def test_iyh_regularizer_contract():

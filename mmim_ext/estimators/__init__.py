@@ -1,9 +1,12 @@
 """Neural mutual-information estimators (MINE / NWJ / SMILE), one module per family.
 
-Every estimator is an ``nn.Module`` that owns its critic(s) as parameters and returns, from one
-``forward`` call, the current bound (nats) and the loss that trains the critic (minimize it with
-any optimizer). The bound on a batch is a lower bound on the mutual information only in
-expectation and only for a well-trained critic; the one-call functions
+Every estimator is an ``nn.Module`` that owns its critic(s) as parameters and offers the same
+entry points (module :mod:`~mmim_ext.estimators.base`): ``critic_loss(...) -> (estimates, loss)``
+to train the critics (minimize ``loss`` with any optimizer), ``penalty(..., coef=1.0) ->
+(estimates, value)`` through frozen critics, differentiable w.r.t. the features only,
+``evaluate(...) -> tensor`` on held-out data, and ``forward`` (``critic_loss`` while the critics
+train, ``penalty`` otherwise). Callers say what they want; the module picks the kernel.
+The bound on a batch is a lower bound on the mutual information only in expectation and only for a well-trained critic; the one-call functions
 (:func:`estimate_mi`, :func:`estimate_pairwise_mi`, :func:`estimate_total_correlation`, module
 :mod:`mmim_ext.estimators.fitting`) handle training, validation and early stopping for data sets.
 
@@ -17,12 +20,14 @@ Modules
     :mod:`~mmim_ext.estimators.unit_label`         :class:`UnitLabelMINE`, ``I(Y; h_i)`` per unit.
     :mod:`~mmim_ext.estimators.label`              :class:`LabelMINE`, ``I(Y; h)`` of a whole
                                                    layer, and one-call ``I(Y; h)`` / ``I(Y; h_i)``.
+    :mod:`~mmim_ext.estimators.base`               :class:`MIEstimator`, the shared entry points.
     :mod:`~mmim_ext.estimators.bounds`             the bounds (``BOUNDS``), MINE's moving average,
                                                    the critics' optimizer.
     :mod:`~mmim_ext.estimators.negatives`          :func:`make_perms`, product-of-marginals samples.
     :mod:`~mmim_ext.estimators.fitting`            the one-call estimators for data sets.
 """
 
+from mmim_ext.estimators.base import MIEstimator
 from mmim_ext.estimators.bounds import BOUNDS, critic_adam
 from mmim_ext.estimators.fitting import estimate_mi, estimate_pairwise_mi, estimate_total_correlation
 from mmim_ext.estimators.label import LabelMINE, estimate_label_mi, estimate_unit_label_mi
@@ -35,6 +40,7 @@ from mmim_ext.estimators.vector import VectorMINE
 __all__ = [
     "BOUNDS",
     "LabelMINE",
+    "MIEstimator",
     "NEGATIVES",
     "PairwiseMINE",
     "TotalCorrelationMINE",

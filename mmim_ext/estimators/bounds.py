@@ -64,16 +64,19 @@ def critic_adam(params, lr: float) -> torch.optim.Adam:
 class LogEMA(nn.Module):
     """Bias-corrected exponential moving average of ``E_Q[e^T]`` kept in log space per element."""
 
-    def __init__(self, size: int, rate: float):
+    def __init__(self, size, rate: float):
+        """``size``: the number of elements, or a shape (``[C, P]`` for per-class averages)."""
         super().__init__()
         self.rate = float(rate)
-        self.register_buffer("log_acc", torch.full((size,), -math.inf, dtype=torch.float64))
-        self.register_buffer("count", torch.zeros(size, dtype=torch.float64))
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        self.register_buffer("log_acc", torch.full(shape, -math.inf, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(shape, dtype=torch.float64))
 
     @torch.no_grad()
     def update(self, lme: torch.Tensor, index=None) -> torch.Tensor:
-        """Fold in the batch values ``lme`` (for ``index`` or all elements); return the
-        bias-corrected log average for those elements."""
+        """Fold in the batch values ``lme`` (for ``index``, any index of the buffers such as a
+        tuple ``(class, pairs)``, or all elements); return the bias-corrected log average for
+        those elements."""
         idx = slice(None) if index is None else index
         a = self.rate
         acc = self.log_acc[idx]

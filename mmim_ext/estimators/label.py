@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
+from mmim_ext.estimators.base import MIEstimator, check_coef, check_finite
 from mmim_ext.estimators.bounds import BOUNDS, LogEMA, critic_adam, mine_loss, nwj_bound, standardize
 from mmim_ext.estimators.unit_label import UnitLabelMINE
 
 __all__ = ["LabelMINE", "estimate_label_mi", "estimate_unit_label_mi"]
 
 
-class LabelMINE(nn.Module):
+class LabelMINE(MIEstimator):
     """``I(Y; h)`` for a label ``Y`` in ``0..num_classes-1`` and features ``h`` ``[B, m]`` (nats).
 
     Args:
@@ -38,9 +39,11 @@ class LabelMINE(nn.Module):
         ema, smile_clip: see :mod:`mmim_ext.estimators.bounds`.
         standardize: standardize each unit with batch statistics (MI is unchanged).
 
-    ``forward(h, labels, compute_loss=True)`` returns ``(estimate 0-d tensor, loss)``; with
-    ``compute_loss=False`` the critic is used frozen (gradient w.r.t. ``h`` only) and the loss is
-    ``None``: the call a regularizer makes for its penalty.
+    Entry points (:mod:`mmim_ext.estimators.base`), ``h`` ``[B, m]`` float, ``labels`` ``[B]``
+    int64: ``critic_loss(h, labels) -> (estimate 0-d, loss 0-d)``; ``penalty(h, labels,
+    coef=1.0) -> (estimate without gradient, coef * estimate)`` through the frozen critic
+    (differentiable w.r.t. ``h`` only); ``evaluate(h, labels) -> 0-d tensor``. No negative
+    sampling (the label marginal is integrated exactly), so no random state.
     """
 
     def __init__(self, num_units: int, num_classes: int, hidden: int = 64, layers: int = 2,
@@ -72,6 +75,7 @@ class LabelMINE(nn.Module):
 
     def _prepare(self, h, labels, owner):
         check_features(owner, "h", h, self.num_units)
+        check_finite(owner, "h", h)
         if labels is None:
             raise ValueError(f"{owner}: argument 'labels' is required (I(Y; h) needs the labels)")
         check_labels(owner, labels, h.shape[0], self.num_classes)
@@ -91,13 +95,12 @@ class LabelMINE(nn.Module):
         lme = (torch.logsumexp((scores.clamp(-clip, clip) + logp).flatten(), 0) - math.log(B)).reshape(1)
         return t_joint, lme, scores, logp
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor, *, compute_loss: bool = True):
-        """See the class docstring."""
-        h = self._prepare(h, labels, "LabelMINE.forward")
-        t_joint, lme, scores, logp = self._stats(h, labels, detach=not compute_loss)
+    def critic_loss(self, h: torch.Tensor, labels: torch.Tensor):
+        """A critic update: ``(estimate 0-d, loss 0-d)`` (MINE's moving-average gradient in
+        training mode, the Jensen-Shannon loss for ``"smile"``)."""
+        h = self._prepare(h, labels, "LabelMINE.critic_loss")
+        t_joint, lme, scores, logp = self._stats(h, labels, detach=False)
         est = nwj_bound(t_joint, lme) if self.estimator == "nwj" else t_joint - lme
-        if not compute_loss:
-            return est[0], None
         if self.estimator == "mine":
             loss = mine_loss(t_joint, lme, self._ema, training=self.training)
         elif self.estimator == "nwj":
@@ -108,13 +111,22 @@ class LabelMINE(nn.Module):
             loss = -js.reshape(1)
         return est[0], loss[0]
 
-    @torch.no_grad()
-    def evaluate(self, h: torch.Tensor, labels: torch.Tensor) -> float:
-        """The bound (nats) on held-out data, critic frozen, no moving average."""
-        h = self._prepare(h, labels, "LabelMINE.evaluate")
+    def _frozen(self, h, labels, *, owner="LabelMINE.forward"):
+        h = self._prepare(h, labels, owner)
         t_joint, lme, _, _ = self._stats(h, labels, detach=True)
         est = nwj_bound(t_joint, lme) if self.estimator == "nwj" else t_joint - lme
-        return float(est[0])
+        return est[0]
+
+    def penalty(self, h: torch.Tensor, labels: torch.Tensor, *, coef: float = 1.0):
+        """``(estimate without gradient, coef * estimate)`` through the frozen critic."""
+        coef = check_coef("LabelMINE.penalty", coef)
+        est = self._frozen(h, labels, owner="LabelMINE.penalty")
+        return est.detach(), coef * est
+
+    @torch.no_grad()
+    def evaluate(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The bound (nats, 0-d) on held-out data: no training, no moving average."""
+        return self._frozen(h, labels, owner="LabelMINE.evaluate")
 
 
 def _check_data(owner, h, labels, batch_size, val_fraction, max_epochs, patience, lr):
@@ -172,9 +184,9 @@ def _fit_label_critic(mod, h, labels, evaluate, *, batch_size, val_fraction, max
             order = torch.randperm(n_tr, generator=gen)
             for s in range(0, n_tr - bs + 1, bs):
                 idx = order[s:s + bs]
-                _, loss = mod(h_tr[idx], y_tr[idx])
+                _, loss = mod.critic_loss(h_tr[idx], y_tr[idx])
                 opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
+                loss.backward()
                 opt.step()
                 done += 1
         mod.eval()
@@ -215,7 +227,7 @@ def estimate_label_mi(h, labels, *, hidden: int = 64, layers: int = 2, estimator
     mod = LabelMINE(h.shape[1], num_classes, hidden=hidden, layers=layers, estimator=estimator)
 
     def evaluate(mod, hv, yv):
-        return torch.tensor(mod.evaluate(hv, yv))
+        return mod.evaluate(hv, yv)
 
     best = _fit_label_critic(mod, h, labels, evaluate, batch_size=batch_size, val_fraction=val_fraction,
                              max_epochs=max_epochs, patience=patience, lr=lr, min_delta=min_delta, seed=seed)
@@ -239,9 +251,7 @@ def estimate_unit_label_mi(h, labels, *, hidden: int = 16, estimator: str = "min
     mod = UnitLabelMINE(h.shape[1], num_classes, hidden=hidden, estimator=estimator)
 
     def evaluate(mod, hv, yv):
-        with torch.no_grad():
-            est, _ = mod(hv, yv, compute_loss=False)
-        return est
+        return mod.evaluate(hv, yv)
 
     best = _fit_label_critic(mod, h, labels, evaluate, batch_size=batch_size, val_fraction=val_fraction,
                              max_epochs=max_epochs, patience=patience, lr=lr, min_delta=min_delta, seed=seed)

@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
+from mmim_ext.estimators.base import MIEstimator, check_coef, check_finite
 from mmim_ext.estimators.bounds import BOUNDS, LogEMA, mine_loss, nwj_bound, standardize
 from mmim_ext.ops import label_critic_scores
 
 __all__ = ["UnitLabelMINE"]
 
 
-class UnitLabelMINE(nn.Module):
+class UnitLabelMINE(MIEstimator):
     """``I(Y; h_i)`` for every unit ``i`` of a layer at once (nats).
 
     Unit ``i`` has the critic ``T_i(y, a) = c_i + sum_k v_ik relu(e_iyk + w_ik a + b_ik)`` (an MLP
@@ -24,8 +25,10 @@ class UnitLabelMINE(nn.Module):
     ``log (1/B) sum_n sum_y p(y) exp(T_i(y, h_ni))`` with ``p(y)`` the batch's class
     frequencies, so no negative sampling is needed.
 
-    ``forward(h, labels)`` with ``h`` ``[B, m]`` and ``labels`` ``[B]`` int64 returns
-    ``(estimates [m], loss)``; ``loss`` is the sum over units.
+    Entry points (see :mod:`mmim_ext.estimators.base`): ``critic_loss(h, labels)``,
+    ``penalty(h, labels, *, coef=1.0)``, ``evaluate(h, labels)`` and ``forward``, with ``h``
+    ``[B, m]`` float and ``labels`` ``[B]`` int64 in ``[0, num_classes)``; estimates are ``[m]``
+    in nats, losses and penalty values sums over units.
     """
 
     def __init__(self, num_units: int, num_classes: int, hidden: int = 16, estimator: str = "mine",
@@ -60,44 +63,70 @@ class UnitLabelMINE(nn.Module):
         joint = scores.gather(2, labels.view(-1, 1, 1).expand(-1, self.num_units, 1)).squeeze(2)
         return joint, scores
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor, *, compute_loss: bool = True):
-        """See the class docstring; ``compute_loss=False``: frozen critic, loss ``None``."""
-        owner = "UnitLabelMINE.forward"
+    def _prepare(self, h, labels, owner):
         check_features(owner, "h", h, self.num_units)
+        check_finite(owner, "h", h)
         if labels is None:
             raise ValueError(f"{owner}: argument 'labels' is required (I(Y; h_i) needs the labels)")
         check_labels(owner, labels, h.shape[0], self.num_classes)
         h = h.to(self.w.dtype)
-        if self.standardize:
-            h = standardize(h)
-        joint, scores = self._scores(h, labels, detach=not compute_loss)
+        return standardize(h) if self.standardize else h
+
+    def _marginal(self, h, labels, scores, clip=math.inf):
+        """``(lme [m], p [C])`` from the scores: the label marginal ``p(y)`` (the batch's class
+        frequencies) is integrated exactly."""
         B = h.shape[0]
         p = torch.bincount(labels, minlength=self.num_classes).to(h.dtype) / B
         logp = torch.log(p.clamp_min(1e-30))
+        lme = torch.logsumexp(scores.clamp(-clip, clip) + logp, dim=2).logsumexp(0) - math.log(B)
+        return lme, p
+
+    def critic_loss(self, h: torch.Tensor, labels: torch.Tensor):
+        """A critic update: ``(estimates [m], loss)``; ``loss`` (0-d) is the sum over units of the
+        negative bounds (MINE's moving-average gradient in training mode)."""
+        h = self._prepare(h, labels, "UnitLabelMINE.critic_loss")
+        joint, scores = self._scores(h, labels)
         t_joint = joint.mean(0)
-        if not compute_loss:
-            clip = self.smile_clip if self.estimator == "smile" else math.inf
-            lme = torch.logsumexp(scores.clamp(-clip, clip) + logp, dim=2).logsumexp(0) - math.log(B)
-            est = nwj_bound(t_joint, lme) if self.estimator == "nwj" else t_joint - lme
-            with torch.no_grad():
-                self.last.copy_(est.detach().to(self.last.dtype))
-            return est, None
         if self.estimator == "smile":
-            clipped = scores.clamp(-self.smile_clip, self.smile_clip)
-            lme = torch.logsumexp(clipped + logp, dim=2).logsumexp(0) - math.log(B)
+            lme, p = self._marginal(h, labels, scores, self.smile_clip)
             est = t_joint - lme
             # JS gradient: marginal expectation of softplus(T) under p(y) p(h)
             js = -F.softplus(-joint).mean(0) - (F.softplus(scores) * p).sum(2).mean(0)
             loss = -js
         else:
-            lme = torch.logsumexp(scores + logp, dim=2).logsumexp(0) - math.log(B)
+            lme, _ = self._marginal(h, labels, scores)
             if self.estimator == "mine":
                 est = t_joint - lme
                 loss = mine_loss(t_joint, lme, self._ema, training=self.training)
             else:
                 est = nwj_bound(t_joint, lme)
                 loss = -est
-        with torch.no_grad():
-            self.last.copy_(est.detach().to(self.last.dtype))
+        self._record(est)
         return est, loss.sum()
 
+    def penalty(self, h: torch.Tensor, labels: torch.Tensor, *, coef: float = 1.0):
+        """``(estimates [m] without gradient, coef * estimates.sum())`` through the frozen
+        critics; the value (0-d) is differentiable w.r.t. ``h`` only."""
+        coef = check_coef("UnitLabelMINE.penalty", coef)
+        est = self._frozen(h, labels, owner="UnitLabelMINE.penalty")
+        return est.detach(), coef * est.sum()
+
+    def _frozen(self, h, labels, *, owner="UnitLabelMINE.forward"):
+        h = self._prepare(h, labels, owner)
+        joint, scores = self._scores(h, labels, detach=True)
+        clip = self.smile_clip if self.estimator == "smile" else math.inf
+        lme, _ = self._marginal(h, labels, scores, clip)
+        t_joint = joint.mean(0)
+        est = nwj_bound(t_joint, lme) if self.estimator == "nwj" else t_joint - lme
+        self._record(est)
+        return est
+
+    @torch.no_grad()
+    def evaluate(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Bound per unit (nats, ``[m]``) on held-out data: no training, no gradient. The label
+        marginal is integrated exactly, so there is no negative sampling to vary."""
+        return self._frozen(h, labels, owner="UnitLabelMINE.evaluate")
+
+    @torch.no_grad()
+    def _record(self, est):
+        self.last.copy_(est.detach().to(self.last.dtype))
