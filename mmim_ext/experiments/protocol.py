@@ -230,7 +230,11 @@ def run_body(splits: Splits, cfg: ProtocolConfig, body_method: str, seed: int, *
                                 restore_best=True)
     body_wall = time.perf_counter() - t0
     body_hist = clean_history(hist, 1)
-    best_epoch = 1 + next(i for i, r in enumerate(hist) if r.get("best"))
+    best = [i for i, r in enumerate(hist) if r.get("best")]
+    if not best:
+        raise ValueError(f"run_body: {body_method} seed {seed}: the validation loss was never finite "
+                         f"(diverged?); last record {hist[-1]}")
+    best_epoch = 1 + best[0]
     mi = None
     if measure is not None:
         t1 = time.perf_counter()

@@ -13,7 +13,7 @@ from mmim_ext.experiments.protocol import METHOD_LABELS, METHODS
 
 __all__ = ["format_measurements", "format_table", "format_tuning", "plot_results", "write_outputs"]
 
-_MI_LABELS = {"pairwise_mi_sum": "Σ I(h_i;h_j)", "cond_pairwise_mi_sum": "Σ I(h_i;h_j|Y)",
+_MI_LABELS = {"pairwise_mi_sum": "Σ I(h_i;h_j)", "cond_pairwise_mi_sum": "Σ I(h_i;h_j\\|Y)",
               "sum_unit_label_mi": "Σ I(Y;h_i)", "label_mi": "I(Y;h)"}
 
 
@@ -131,7 +131,7 @@ def plot_results(results: dict, records: list[dict], out_dir: str) -> list[str]:
         ax.set_ylabel("test acc. − baseline (points)")
         ax.set_title(f"{results['dataset']} / {arch}: paired Δ, 95% CI (dots = seeds)")
         ax.grid(axis="y", alpha=0.3)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.22, top=0.9, wspace=0.25)
+    fig.subplots_adjust(left=0.11, right=0.98, bottom=0.22, top=0.9, wspace=0.25)
     paths.append(os.path.join(out_dir, "paired_diffs.png"))
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
@@ -153,7 +153,7 @@ def plot_results(results: dict, records: list[dict], out_dir: str) -> list[str]:
             ax.set_title(f"{arch}: λ search (mean ± std over seeds {tuning['seeds']})")
             ax.legend(fontsize=7, ncol=2)
             ax.grid(alpha=0.3)
-        fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.9, wspace=0.25)
+        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.9, wspace=0.25)
         paths.append(os.path.join(out_dir, "tuning.png"))
         fig.savefig(paths[-1], dpi=90)
         plt.close(fig)
@@ -173,7 +173,7 @@ def plot_results(results: dict, records: list[dict], out_dir: str) -> list[str]:
             ax.set_title(f"{results['dataset']} / {arch}: accuracy vs measured redundancy (one dot per run)")
             ax.legend(fontsize=7, ncol=2)
             ax.grid(alpha=0.3)
-        fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.9, wspace=0.25)
+        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.9, wspace=0.25)
         paths.append(os.path.join(out_dir, "acc_vs_redundancy.png"))
         fig.savefig(paths[-1], dpi=90)
         plt.close(fig)
@@ -202,6 +202,9 @@ def write_outputs(results: dict, records: list[dict], out_dir: str, *, plots: bo
         f.write(format_table(results) + "\n")
         f.write(format_measurements(results) + "\n")
         f.write(format_tuning(results.get("tuning")) + "\n")
+        if results.get("incomplete_seeds_left_out"):
+            f.write("Seeds left out (not every method had finished): "
+                    + ", ".join(results["incomplete_seeds_left_out"]) + ".\n")
         if pngs:
             f.write("Plots: " + ", ".join(os.path.basename(p) for p in pngs) + ".\n")
     return pngs

@@ -119,10 +119,14 @@ def _have(store: RunStore, job: Job, fingerprint: dict) -> bool:
     return True
 
 
-def _budget(store: RunStore, splits, cfg: ProtocolConfig, job: Job, measure, log) -> int:
-    """The seed's baseline epochs, computing the baseline body if no shard has yet."""
-    methods = job.methods if job.body == "baseline" else (
-        ("baseline", "baseline+c3") if job.phase == "table" else ("baseline",))
+def _budget(store: RunStore, splits, cfg: ProtocolConfig, job: Job, measure, log, base_job: Job | None = None) -> int:
+    """The seed's baseline epochs, computing the baseline body (``base_job``, the plan's baseline
+    job of that seed) if no shard has yet."""
+    if job.body == "baseline":
+        base_job = job
+    if base_job is None:
+        base_job = Job(job.phase, job.arch, "baseline", job.seed, 0.0, ("baseline",))
+    methods = base_job.methods
     rec = store.load(job.phase, job.arch, "baseline", 0.0, job.seed)
     if rec is not None and all(store.load(job.phase, job.arch, m, 0.0, job.seed) for m in methods):
         return int(rec["epochs_used"])
@@ -136,8 +140,7 @@ def _budget(store: RunStore, splits, cfg: ProtocolConfig, job: Job, measure, log
             rec = store.load(job.phase, job.arch, "baseline", 0.0, job.seed)
         return int(rec["epochs_used"])
     try:
-        base = Job(job.phase, job.arch, "baseline", job.seed, 0.0, methods)
-        _execute(store, splits, cfg, base, None, measure, log)
+        _execute(store, splits, cfg, base_job, None, measure, log)
     finally:
         os.close(fd)
         os.remove(lock)
@@ -168,6 +171,7 @@ def run_jobs(store: RunStore, splits, cfgs: dict, jobs: list[Job], *, shard=(0, 
     mine = [j for k, j in enumerate(x for x in jobs if x.body != "baseline") if k % n == i]
     # Baselines belong to every shard: each seed's budget is needed before its other jobs.
     base = [j for j in jobs if j.body == "baseline"]
+    base_of = {(j.phase, j.arch, j.seed): j for j in base}
     for job in base[i::n] + mine:
         cfg = cfgs[job.arch]
         if _have(store, job, cfg.fingerprint()):
@@ -175,7 +179,8 @@ def run_jobs(store: RunStore, splits, cfgs: dict, jobs: list[Job], *, shard=(0, 
         if job.body == "baseline":
             _budget(store, splits, cfg, job, measure, log)
         else:
-            _execute(store, splits, cfg, job, _budget(store, splits, cfg, job, measure, log), measure, log)
+            budget = _budget(store, splits, cfg, job, measure, log, base_of.get((job.phase, job.arch, job.seed)))
+            _execute(store, splits, cfg, job, budget, measure, log)
         done += 1
     return done
 

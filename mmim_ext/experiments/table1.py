@@ -261,7 +261,8 @@ def run_table1(splits, cfg: Table1Config, out_dir: str, *, shard=(0, 1), phase: 
         log(f"{sum(r is None for r in recs)} table runs of other shards are missing; results not written "
             f"(run --merge {out_dir} when they have finished)")
         return None
-    results = summarize(recs, dataset=cfg.dataset, archs=cfg.archs, methods=cfg.methods, tuning=tuning)
+    order = tuple(m for m in METHODS if m in cfg.methods)  # the table's row order, as --merge writes it
+    results = summarize(recs, dataset=cfg.dataset, archs=cfg.archs, methods=order, tuning=tuning)
     results.update(config=_config_json(cfg), sizes=splits.sizes(), wall_s_this_process=time.perf_counter() - t0,
                    torch=torch.__version__, threads=torch.get_num_threads(),
                    run_wall_s=sum(r["wall_s"] for r in recs))
@@ -304,6 +305,16 @@ def merge_runs(dirs, out_dir: str | None = None, *, plots: bool = True) -> dict:
         raise ValueError(f"--merge: directories disagree on the data set: {sorted(datasets)}")
     archs = tuple(a for a in ARCHS if any(r["arch"] == a for r in recs))
     methods = tuple(m for m in METHODS if any(r["method"] == m for r in recs))
+    # A seed enters the table only once every method of its architecture has run on it, so that
+    # every row is paired over the same seeds (an interrupted experiment merges cleanly).
+    have = {(r["arch"], r["seed"]): set() for r in recs}
+    for r in recs:
+        have[(r["arch"], r["seed"])].add(r["method"])
+    want = {a: {r["method"] for r in recs if r["arch"] == a} for a in archs}
+    incomplete = sorted(k for k, ms in have.items() if ms != want[k[0]])
+    recs = [r for r in recs if (r["arch"], r["seed"]) not in set(incomplete)]
+    if not recs:
+        raise ValueError(f"--merge: no seed has finished every method yet (incomplete: {incomplete})")
     tuning = None
     if tune:
         grid = sorted({r["reg_weight"] for r in tune.values() if r["method"] != "baseline"})
@@ -317,6 +328,7 @@ def merge_runs(dirs, out_dir: str | None = None, *, plots: bool = True) -> dict:
     results = summarize(recs, dataset=datasets.pop(), archs=archs, methods=methods, tuning=tuning)
     results.update(config={"protocol": recs[0]["config"], "seeds": sorted({r["seed"] for r in recs})},
                    merged_from=[os.path.abspath(d) for d in dirs], run_wall_s=sum(r["wall_s"] for r in recs),
+                   incomplete_seeds_left_out=[f"{a}/{s}" for a, s in incomplete],
                    torch=torch.__version__)
     if out_dir:
         write_outputs(results, recs, out_dir, plots=plots)
