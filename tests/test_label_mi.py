@@ -152,6 +152,7 @@ def test_paired_stats_hand_computed():
     assert (st["wins"], st["ties"], st["losses"]) == (3, 0, 0)
     z = paired_stats([0.0, 0.0, 0.0])
     assert z["p_t"] == 1.0 and z["p_wilcoxon"] == 1.0 and z["ci95"] == [0.0, 0.0]
+    assert paired_stats([0.3, 0.3])["p_t"] is None  # zero spread, non-zero mean: t undefined
     one = paired_stats([0.5])
     assert one["ci95"] is None and one["p_t"] is None and one["wins"] == 1
     with pytest.raises(ValueError, match="finite"):

@@ -5,7 +5,8 @@ For seeds ``s = 1..n`` the paired difference is ``d_s = acc(method, s) - acc(bas
 
 * ``mean`` and ``sd`` (sample standard deviation) of ``d``;
 * ``ci95``: the t-based 95% confidence interval ``mean ± t_{0.975, n-1} · sd / sqrt(n)``;
-* ``p_t``: two-sided paired t-test (one-sample t-test of ``d`` against 0);
+* ``p_t``: two-sided paired t-test (one-sample t-test of ``d`` against 0); ``None`` when every
+  seed gave the same non-zero difference (zero spread: the t statistic is undefined);
 * ``p_wilcoxon``: two-sided Wilcoxon signed-rank test (zero differences dropped, as Wilcoxon's
   original procedure; 1.0 when every difference is zero);
 * ``wins`` / ``ties`` / ``losses`` out of ``n``;
@@ -51,7 +52,8 @@ def paired_stats(diffs) -> dict:
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     out["ci95"] = [mean - half, mean + half]
     if sd == 0.0:
-        out["p_t"] = 1.0 if mean == 0 else 0.0
+        # Every seed gave the same difference: the t statistic is 0/0 (p = 1) or undefined.
+        out["p_t"] = 1.0 if mean == 0 else None
     else:
         tstat = mean / (sd / math.sqrt(n))
         out["p_t"] = float(2.0 * stats.t.sf(abs(tstat), n - 1))
