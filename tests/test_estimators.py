@@ -678,6 +678,18 @@ def test_bad_input_errors():
         mmim_ext.estimate_pairwise_mi(torch.randn(100, 1))
     with pytest.raises(ValueError, match="num_negatives"):
         mmim_ext.make_perms(10, "shift", 10)
+    with pytest.raises(ValueError, match="'labels' must hold class indices >= 0"):
+        mmim_ext.make_perms(4, labels=torch.tensor([-1, 0, 0, 1]))
+    with pytest.raises(ValueError, match="'seed'"):
+        mmim_ext.PairwiseMINE(4, seed=-1)
+    with pytest.raises(ValueError, match="'seed'"):
+        mmim_ext.TotalCorrelationMINE(4, seed="0")
+    with pytest.raises(ValueError, match="'seed'"):
+        mmim_ext.make_regularizer("mmim", 4, 3, seed=1.5)
+    with pytest.raises(ValueError, match="'max_evals'"):
+        mod.evaluate(h, max_evals=0)
+    with pytest.raises(ValueError, match="'num_draws'"):
+        mmim_ext.TotalCorrelationMINE(4).evaluate(h, num_draws=0)
 
 
 # ---------------------------------------------------------------------------------------------

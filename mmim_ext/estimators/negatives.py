@@ -92,13 +92,13 @@ def _random_derangements(lab: torch.Tensor, rows: int, generator) -> torch.Tenso
     Rejection sampling per (row, class) block: uniform permutations of each block's members are
     drawn by sorting random keys (padded blocks of the largest class's size, several candidates
     per block at a time), each block takes its first candidate without a fixed point, and only
-    the blocks where none qualifies are drawn again. Conditioning a uniform permutation on "no fixed point" gives
-    a uniform derangement (about 1 candidate in e qualifies), so every derangement stays
-    possible, unlike Sattolo's algorithm (single cycles only). Sorting only the pending blocks
-    keeps the cost near e sorts of each block instead of a re-sort of whole rows. Each round
-    draws at least 2 candidates per block (60% of blocks settle) and more while the pending blocks
-    are few (up to 16, all but 0.07% settle), so small calls finish in one or two rounds of a few
-    tensor ops instead of a dozen.
+    the blocks where none qualifies are drawn again. Conditioning a uniform permutation on "no
+    fixed point" gives a uniform derangement (about 1 candidate in e qualifies), so every
+    derangement stays possible, unlike Sattolo's algorithm (single cycles only). Sorting only the
+    pending blocks keeps the cost near e sorts of each block instead of re-sorting whole rows.
+    Each round draws at least 2 candidates per block (60% of blocks settle), and up to 16 (all
+    but 0.07% settle) while the pending keys number fewer than 2^14, so that small calls finish
+    in one or two rounds of a few tensor ops instead of a dozen.
     """
     batch = lab.shape[0]
     perms = torch.arange(batch).repeat(rows, 1)

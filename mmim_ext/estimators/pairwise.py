@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
-from mmim_ext.estimators.bounds import BOUNDS, LogEMA, bound_from_scores, log_mean_exp, mine_loss, nwj_bound, standardize
 from mmim_ext.estimators.base import MIEstimator, check_coef, check_finite
+from mmim_ext.estimators.bounds import BOUNDS, LogEMA, bound_from_scores, log_mean_exp, mine_loss, nwj_bound, standardize
 from mmim_ext.estimators.negatives import NEGATIVES, make_perms
 from mmim_ext.ops import all_pairs, one_pass_applies, pair_stats, pair_stats_linear, pair_stats_mine_loss
 

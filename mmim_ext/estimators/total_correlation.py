@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
-from mmim_ext.estimators.bounds import BOUNDS, CriticMLP, LogEMA, bound_from_scores, standardize
 from mmim_ext.estimators.base import MIEstimator, check_coef, check_finite
+from mmim_ext.estimators.bounds import BOUNDS, CriticMLP, LogEMA, bound_from_scores, standardize
 from mmim_ext.estimators.negatives import product_of_marginals
 
 __all__ = ["TotalCorrelationMINE"]

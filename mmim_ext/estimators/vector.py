@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from mmim_ext._checks import check_choice, check_features, check_positive_int
-from mmim_ext.estimators.bounds import BOUNDS, CriticMLP, LogEMA, bound_from_scores, standardize
 from mmim_ext.estimators.base import MIEstimator, check_coef, check_finite
+from mmim_ext.estimators.bounds import BOUNDS, CriticMLP, LogEMA, bound_from_scores, standardize
 from mmim_ext.estimators.negatives import NEGATIVES, make_perms
 
 __all__ = ["VectorMINE"]
