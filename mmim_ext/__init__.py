@@ -11,13 +11,16 @@ with the package-private :mod:`mmim_ext._checks` (argument checks) and
 
 from mmim_ext._extension import extension_loaded
 from mmim_ext.estimators import (
+    LabelMINE,
     PairwiseMINE,
     TotalCorrelationMINE,
     UnitLabelMINE,
     VectorMINE,
+    estimate_label_mi,
     estimate_mi,
     estimate_pairwise_mi,
     estimate_total_correlation,
+    estimate_unit_label_mi,
     make_perms,
 )
 from mmim_ext.estimators.sharding import load_sharded_state_dict, sharded_state_dict
@@ -34,14 +37,16 @@ from mmim_ext.ops import (
     pair_stats_linear,
     pair_stats_reference,
 )
-from mmim_ext.regularizers import MMIMRegularizer, make_regularizer
-from mmim_ext.training import accuracy, train_c3, train_classifier, train_mmim
+from mmim_ext.regularizers import LabelMIRegularizer, MMIMRegularizer, make_regularizer
+from mmim_ext.training import accuracy, evaluate_classifier, train_c3, train_classifier, train_mmim
 
 __version__ = "0.1.0"
 
 __all__ = sorted([
     "GaussianLinear",
     "InfoPlaneRecorder",
+    "LabelMINE",
+    "LabelMIRegularizer",
     "MMIMRegularizer",
     "PairwiseMINE",
     "ResidualBlock",
@@ -54,9 +59,12 @@ __all__ = sorted([
     "binned_mi",
     "cpu_cache_info",
     "empty_cpu_cache",
+    "estimate_label_mi",
     "estimate_mi",
     "estimate_pairwise_mi",
     "estimate_total_correlation",
+    "estimate_unit_label_mi",
+    "evaluate_classifier",
     "extension_loaded",
     "fused_available",
     "kde_lse",

@@ -51,10 +51,11 @@ import torch
 from torch import nn
 
 from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
-from mmim_ext.estimators import BOUNDS, NEGATIVES, PairwiseMINE, TotalCorrelationMINE, UnitLabelMINE, critic_adam
+from mmim_ext.estimators import (BOUNDS, NEGATIVES, LabelMINE, PairwiseMINE, TotalCorrelationMINE, UnitLabelMINE,
+                                 critic_adam)
 from mmim_ext.estimators.sharding import broadcast_generator_, gather_batch
 
-__all__ = ["MMIMRegularizer", "REGULARIZERS", "make_regularizer"]
+__all__ = ["LabelMIRegularizer", "MMIMRegularizer", "REGULARIZERS", "make_regularizer"]
 
 _MODES = ("pairwise", "total")
 
@@ -260,15 +261,65 @@ class MMIMRegularizer(nn.Module):
         return f"num_units={self.num_units}, num_classes={self.num_classes}, {w}, mode={self.mode!r}, max_pairs={self.max_pairs}"
 
 
-def make_regularizer(name: str, num_units: int, num_classes: int, **kw) -> MMIMRegularizer:
-    """A named regularizer: ``"mmim"`` (C4+C5+C6), ``"c4"``, ``"c5"``, ``"c6"``, ``"rdm"`` (C4+C5).
+class LabelMIRegularizer(nn.Module):
+    """Penalty ``-I(Y; h)`` in nats, with ``I(Y; h)`` of the whole feature vector estimated by a
+    :class:`mmim_ext.estimators.LabelMINE` critic trained adversarially (same contract as
+    :class:`MMIMRegularizer`: critic updates in training mode, then the penalty through the
+    frozen critic; ``terms == {"iyh": I(Y;h) estimate}``).
+
+    With the total-correlation definitions, ``C1 = C4 + C5 + C6 = -I(Y; h)`` exactly
+    (docs/table1.md), so this is the MMIM objective with one estimator instead of three.
+
+    Args:
+        num_units, num_classes: ``m`` and the number of classes.
+        hidden, layers, estimator: the critic (:class:`~mmim_ext.estimators.LabelMINE`).
+        critic_lr, critic_steps: the critic's Adam learning rate and updates per call.
+    """
+
+    def __init__(self, num_units: int, num_classes: int, *, hidden: int = 64, layers: int = 2,
+                 estimator: str = "mine", critic_lr: float = 1e-3, critic_steps: int = 1):
+        super().__init__()
+        owner = "LabelMIRegularizer"
+        check_positive_int(owner, "num_units", num_units, 1)
+        check_positive_int(owner, "critic_steps", critic_steps, 0)
+        if not float(critic_lr) > 0:
+            raise ValueError(f"{owner}: argument 'critic_lr' must be > 0, got {critic_lr!r}")
+        self.num_units, self.num_classes = num_units, num_classes
+        self.critic_steps = critic_steps
+        self.critic = LabelMINE(num_units, num_classes, hidden=hidden, layers=layers, estimator=estimator)
+        self.critic_optimizer = critic_adam(self.critic.parameters(), critic_lr)
+        self.terms: dict[str, float] = {}
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Critic updates (training mode), then ``-I(Y; h)`` (scalar tensor, nats)."""
+        owner = "LabelMIRegularizer"
+        check_features(owner, "features", features, self.num_units)
+        check_labels(owner, labels, features.shape[0], self.num_classes)
+        if self.training:
+            detached = features.detach()
+            with torch.enable_grad():
+                for _ in range(self.critic_steps):
+                    _, loss = self.critic.critic_loss(detached, labels)
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.critic_optimizer.step()
+        est, value = self.critic.penalty(features, labels, coef=-1.0)
+        self.terms = {"iyh": float(est)}
+        return value
+
+
+def make_regularizer(name: str, num_units: int, num_classes: int, **kw) -> nn.Module:
+    """A named regularizer: ``"mmim"`` (C4+C5+C6), ``"c4"``, ``"c5"``, ``"c6"``, ``"rdm"`` (C4+C5),
+    or ``"iyh"`` (``-I(Y; h)``, :class:`LabelMIRegularizer`; ``kw`` go to that class).
 
     ``kw`` go to :class:`MMIMRegularizer`; the weight of an active term may be overridden
     (e.g. ``make_regularizer("rdm", m, k, c5=0.5)``), a term the name leaves out may not be
     switched on.
     """
+    if isinstance(name, str) and name.lower() == "iyh":
+        return LabelMIRegularizer(num_units, num_classes, **kw)
     if not isinstance(name, str) or name.lower() not in REGULARIZERS:
-        raise ValueError(f"make_regularizer: argument 'name' must be one of {tuple(REGULARIZERS)}, got {name!r}")
+        raise ValueError(f"make_regularizer: argument 'name' must be one of {tuple(REGULARIZERS) + ('iyh',)}, got {name!r}")
     name = name.lower()
     weights = dict(zip(("c4", "c5", "c6"), REGULARIZERS[name]))
     for k in ("c4", "c5", "c6"):

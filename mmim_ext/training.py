@@ -28,7 +28,7 @@ from torch import nn
 
 from mmim_ext.layers import GaussianLinear
 
-__all__ = ["accuracy", "train_c3", "train_classifier", "train_mmim"]
+__all__ = ["accuracy", "evaluate_classifier", "train_c3", "train_classifier", "train_mmim"]
 
 
 def _check_body_head(owner: str, body, head, head_types=(nn.Linear,)) -> None:
@@ -77,7 +77,8 @@ def _bar(progress: bool, total: int, desc: str):
 
 def train_classifier(body: nn.Module, head: nn.Linear, train_loader, *, epochs: int, regularizer: nn.Module | None = None,
                      reg_weight: float = 1.0, lr: float = 1e-3, device="cpu", progress: bool = True,
-                     on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+                     on_epoch: Callable[[dict], None] | None = None, val_loader=None,
+                     patience: int | None = None, restore_best: bool = False) -> list[dict]:
     """Train ``head(body(x))`` with Adam on ``CE + reg_weight * regularizer(features, labels)``.
 
     Args:
@@ -91,12 +92,20 @@ def train_classifier(body: nn.Module, head: nn.Linear, train_loader, *, epochs: 
         device: where to train (modules are moved there in place).
         progress: tqdm bar over batches.
         on_epoch: called as ``on_epoch(record)`` after every epoch.
+        val_loader: optional held-out ``(inputs, labels)`` batches; after every epoch the
+            plain cross-entropy (nats, no penalty) and accuracy on them are recorded as
+            ``val_loss`` / ``val_acc``. Required by ``patience`` and ``restore_best``.
+        patience: early stopping: stop once ``val_loss`` has not reached a new minimum for
+            this many epochs (``epochs`` is then only the cap). ``None``: run every epoch.
+        restore_best: at the end, load the body and head weights of the epoch with the lowest
+            ``val_loss`` (the checkpoint early stopping selects); that record gets ``best=True``.
 
     Returns:
         One dict per epoch: ``epoch`` (1-based), ``loss`` (mean total loss), ``ce`` (mean
         cross-entropy, nats), ``penalty`` (mean penalty, nats; 0 without regularizer),
         ``terms`` (batch-mean of ``regularizer.terms``), ``train_acc`` (percent, on the fly),
-        ``seconds``.
+        ``seconds``, and with ``val_loader`` ``val_loss`` (nats), ``val_acc`` (percent) and
+        ``best`` (bool). ``len(history)`` is the number of epochs trained.
     """
     owner = "train_classifier"
     _check_body_head(owner, body, head)
@@ -108,6 +117,13 @@ def train_classifier(body: nn.Module, head: nn.Linear, train_loader, *, epochs: 
         raise ValueError(f"{owner}: argument 'reg_weight' must be a finite number, got {reg_weight!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"{owner}: argument 'lr' must be > 0, got {lr!r}")
+    if patience is not None:
+        _check_epochs(owner, "patience", patience)
+        if patience < 1:
+            raise ValueError(f"{owner}: argument 'patience' must be an int >= 1 or None, got {patience!r}")
+    if (patience is not None or restore_best) and val_loader is None:
+        raise ValueError(f"{owner}: 'patience' and 'restore_best' need a 'val_loader' (early stopping "
+                         "watches the validation loss)")
     body.to(device)
     head.to(device)
     if isinstance(regularizer, nn.Module):
@@ -115,6 +131,7 @@ def train_classifier(body: nn.Module, head: nn.Linear, train_loader, *, epochs: 
     params = list(body.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     history = []
+    best_loss, best_state, best_idx = math.inf, None, None
     for epoch in range(1, epochs + 1):
         body.train()
         head.train()
@@ -160,9 +177,26 @@ def train_classifier(body: nn.Module, head: nn.Linear, train_loader, *, epochs: 
         record = {"epoch": epoch, **{k: v / n_seen for k, v in sums.items()},
                   "terms": {k: v / n_batches for k, v in term_sums.items()},
                   "train_acc": 100.0 * n_correct / n_seen, "seconds": time.perf_counter() - start}
+        if val_loader is not None:
+            record["val_loss"], record["val_acc"] = evaluate_classifier(body, head, val_loader, device=device)
+            record["best"] = False
+            if record["val_loss"] < best_loss:
+                best_loss, best_idx = record["val_loss"], len(history)
+                if restore_best:
+                    # Copies on the host: the models this serves are small, and a checkpoint
+                    # must not alias parameters the optimizer keeps updating.
+                    best_state = (copy.deepcopy(body.state_dict()), copy.deepcopy(head.state_dict()))
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+        stale = len(history) if best_idx is None else len(history) - 1 - best_idx  # NaN never improves
+        if patience is not None and stale >= patience:
+            break
+    if best_idx is not None:
+        history[best_idx]["best"] = True
+    if best_state is not None:
+        body.load_state_dict(best_state[0])
+        head.load_state_dict(best_state[1])
     return history
 
 
@@ -290,6 +324,31 @@ def train_mmim(body: nn.Module, head: nn.Linear, train_loader, *, stage1_epochs:
                       lr=lr if c3_lr is None else c3_lr, n_train=n_train, device=device, progress=progress,
                       prior_head=prior_head.to(device), on_epoch=tag(2))
     return gl, h1 + h2
+
+
+@torch.no_grad()
+def evaluate_classifier(body: nn.Module, head: nn.Module, loader, device="cpu") -> tuple[float, float]:
+    """``(mean cross-entropy in nats, top-1 accuracy in percent)`` of ``head(body(x))`` over
+    ``loader`` in eval mode (train/eval modes restored afterwards)."""
+    owner = "evaluate_classifier"
+    _check_body_head(owner, body, head, (nn.Linear, GaussianLinear))
+    modes = (body.training, head.training)
+    body.to(device).eval()
+    head.to(device).eval()
+    loss, correct, seen = 0.0, 0, 0
+    try:
+        for batch in loader:
+            x, y = _unpack(owner, batch, device)
+            logits = head(_features(owner, body, x, head.in_features))
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.shape[0]
+    finally:
+        body.train(modes[0])
+        head.train(modes[1])
+    if seen == 0:
+        raise ValueError(f"{owner}: argument 'loader' yielded no batches")
+    return loss / seen, 100.0 * correct / seen
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ import torch
 
 from mmim_ext.experiments import data as D
 from mmim_ext.experiments.models import build_model
-from mmim_ext.experiments.table1 import (METHODS, Table1Config, format_table, reg_weight_for)
+from mmim_ext.experiments.protocol import BODY_OF, METHODS, TUNED_METHODS, ProtocolConfig
+from mmim_ext.experiments.table1 import Table1Config, check_equal_budgets, reg_weight_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,164 +164,189 @@ def test_models_bad_args():
 
 # ----------------------------------------------------------------------------- protocol pieces
 
-def test_stage_epochs_add_up():
-    for e in range(2, 30):
-        s1, s2 = Table1Config("digits", epochs=e).stage_epochs()
-        assert s1 >= 1 and s2 >= 1 and s1 + s2 == e
-
-
 def test_config_validation():
     with pytest.raises(ValueError, match="methods"):
         Table1Config("digits", methods=("baseline", "dropout")).validate()
-    with pytest.raises(ValueError, match="epochs"):
-        Table1Config("digits", epochs=1).validate()
-    Table1Config("digits", epochs=1, methods=("baseline", "c4")).validate()
+    with pytest.raises(ValueError, match="baseline"):
+        Table1Config("digits", methods=("c4",)).validate()
+    with pytest.raises(ValueError, match="disjoint"):
+        Table1Config("digits", seeds=(0, 1), tune_seeds=(1, 2)).validate()
+    with pytest.raises(ValueError, match="grid"):
+        Table1Config("digits", grid=(1e-3,)).validate()
+    with pytest.raises(ValueError, match="c3_epochs"):
+        Table1Config("digits", protocol=ProtocolConfig("digits", "mlp", c3_epochs=0)).validate()
+    Table1Config("digits", tune=False, methods=("baseline", "c4")).validate()
+
+
+def test_method_structure():
+    # mmim is c1 plus the C3 stage, baseline+c3 the baseline plus it: they share bodies.
+    assert BODY_OF["mmim"] == "c1" and BODY_OF["baseline+c3"] == "baseline"
+    assert set(TUNED_METHODS) == set(METHODS) - {"baseline", "baseline+c3"}
 
 
 def test_reg_weight_lookup():
     assert reg_weight_for("digits", "mlp", "baseline") == 0.0
+    assert reg_weight_for("digits", "mlp", "baseline+c3") == 0.0
     assert reg_weight_for("digits", "cnn", "c4", {"cnn": {"c4": 0.37}}) == 0.37
-    for m in METHODS[1:]:
+    for m in TUNED_METHODS:
         lam = reg_weight_for("no-such-dataset", "mlp", m)
         assert lam > 0 and math.isfinite(lam)
 
 
-def test_format_table_layout():
-    rows = []
-    for arch in ("mlp", "cnn"):
-        for i, m in enumerate(METHODS):
-            accs = [90.0 + i, 92.0 + i]
-            row = {"arch": arch, "method": m, "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs, ddof=1)),
-                   "accs": accs, "seeds": [0, 1], "epochs": 3, "wall_s": 1.0, "reg_weight": 0.0 if i == 0 else 0.1}
-            if i:
-                row.update(diff_vs_baseline_mean=float(i), diff_vs_baseline_std=0.0, wins_vs_baseline=2)
-            rows.append(row)
-    md = format_table({"dataset": "toy", "config": {"epochs": 3}, "rows": rows})
-    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
-    assert len(lines) == 2 + len(METHODS)
-    ncols = lines[0].count("|")
-    assert all(ln.count("|") - ln.count("\\|") == ncols for ln in lines)  # escaped pipes stay in cells
-    assert "91.00 ± 1.41" in md and "+1.00 ± 0.00 (2/2 wins)" in md and "2 seeds" in md
-
-
 # ----------------------------------------------------------------------------- command line
 
-ROW_KEYS = {"arch": str, "method": str, "acc_mean": float, "acc_std": float, "accs": list, "seeds": list,
-            "epochs": int, "wall_s": float}
+TINY = ["--dataset", "digits", "--train-subset", "128", "--batch-size", "32", "--width", "16", "--max-epochs", "3",
+        "--patience", "1", "--c3-epochs", "1", "--threads", "1"]
+ROW_KEYS = ("arch", "method", "acc_mean", "acc_std", "accs", "seeds", "epochs_used", "reg_weight",
+            "lambda_at_grid_edge")
+DIFF_KEYS = ("diff_vs_baseline_mean", "ci95", "p_t", "p_wilcoxon", "p_t_holm", "wins", "ties", "losses")
+MI_KEYS = ("pairwise_mi_sum", "pairwise_mi_mean", "cond_pairwise_mi_sum", "cond_pairwise_mi_mean",
+           "sum_unit_label_mi", "label_mi")
 
 
-def _check_results(out_dir, archs, methods, seeds, epochs):
-    with open(os.path.join(out_dir, "results.json")) as f:
-        res = json.load(f)
-    assert res["dataset"] == "digits"
-    rows = res["rows"]
-    assert [(r["arch"], r["method"]) for r in rows] == [(a, m) for a in archs for m in methods]
-    for r in rows:
-        for k, typ in ROW_KEYS.items():
-            assert isinstance(r[k], typ), (k, r[k])
-        assert r["seeds"] == list(range(seeds)) and len(r["accs"]) == seeds and r["epochs"] == epochs
-        assert all(0.0 <= a <= 100.0 for a in r["accs"])
-        assert r["acc_mean"] == pytest.approx(float(np.mean(r["accs"])))
-        assert r["acc_std"] == pytest.approx(float(np.std(r["accs"], ddof=1)) if seeds > 1 else 0.0)
-        assert r["wall_s"] > 0
-    for name in ("results.md", "accuracy.png", "mi_terms.png", "runs.json"):
-        assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
-    return res
+def _records(out):
+    recs = []
+    for root, _, files in os.walk(os.path.join(out, "runs")):
+        for f in files:
+            if f.endswith(".json"):
+                with open(os.path.join(root, f)) as fh:
+                    recs.append(json.load(fh))
+    return recs
 
 
-TINY = ["--dataset", "digits", "--epochs", "2", "--train-subset", "96", "--batch-size", "32", "--width", "16",
-        "--no-progress", "--threads", "1"]
-
-
-def test_cli_all_methods_tiny(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Every method, 2 seeds, no λ search, small measurements (``--quick``'s measurement budget)."""
     from mmim_ext.experiments.__main__ import main
 
-    out = str(tmp_path / "t1")
-    rc = main(["table1", *TINY, "--seeds", "2", "--out", out])
+    out = str(tmp_path_factory.mktemp("t1") / "all")
+    rc = main(["table1", *TINY, "--quick", "--seeds", "2", "--archs", "mlp", "--out", out])
     assert rc == 0
-    res = _check_results(out, ("mlp", "cnn"), METHODS, 2, 2)
-    printed = capsys.readouterr().out
-    assert "| Baseline |" in printed and "MMIM" in printed
-    md = open(os.path.join(out, "results.md")).read()
-    assert all(r["method"] for r in res["rows"]) and md.count("\n|") >= 2 + len(METHODS)
-    # Paired statistics against the baseline are present for every regularized row.
-    for r in res["rows"]:
-        assert ("diff_vs_baseline_mean" in r) == (r["method"] != "baseline")
+    return out
 
 
-def test_cli_same_seed_is_reproducible(tmp_path):
+def test_cli_all_methods_schema(tiny_run):
+    res = json.load(open(os.path.join(tiny_run, "results.json")))
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == list(METHODS)
+    for m, r in rows.items():
+        for k in ROW_KEYS:
+            assert k in r, (m, k)
+        assert r["seeds"] == [0, 1] and len(r["accs"]) == 2 and all(0 <= a <= 100 for a in r["accs"])
+        assert r["acc_mean"] == pytest.approx(float(np.mean(r["accs"])))
+        assert len(r["epochs_used"]) == 2 and all(1 <= e <= 3 for e in r["epochs_used"])
+        if m != "baseline":
+            for k in DIFF_KEYS:
+                assert k in r, (m, k)
+            lo, hi = r["ci95"]
+            assert lo <= r["diff_vs_baseline_mean"] <= hi
+            assert r["wins"] + r["ties"] + r["losses"] == 2
+            base = rows["baseline"]["accs"]
+            assert r["diff_vs_baseline_mean"] == pytest.approx(float(np.mean(np.subtract(r["accs"], base))))
+        for k in MI_KEYS:
+            assert math.isfinite(r["mi"][k]["mean"]) and len(r["mi"][k]["values"]) == 2, (m, k)
+        assert (r["c3_epochs"] == 1) == (m in ("mmim", "baseline+c3"))
+    # Shared bodies: same held-out features, so the same measurements.
+    assert rows["mmim"]["mi"]["label_mi"]["values"] == rows["c1"]["mi"]["label_mi"]["values"]
+    assert rows["baseline+c3"]["mi"]["label_mi"]["values"] == rows["baseline"]["mi"]["label_mi"]["values"]
+    md = open(os.path.join(tiny_run, "results.md")).read()
+    assert "| Baseline |" in md and "MMIM" in md and "89.15" in md
+    for name in ("paired_diffs.png", "acc_vs_redundancy.png"):
+        assert os.path.getsize(os.path.join(tiny_run, name)) > 0
+
+
+def test_every_method_trains_its_body_for_the_same_epochs(tiny_run):
+    recs = [r for r in _records(tiny_run) if r["phase"] == "table"]
+    assert len(recs) == 2 * len(METHODS)
+    for seed in (0, 1):
+        body_epochs = {r["method"]: sum(1 for h in r["history"] if h["stage"] == 1) for r in recs if r["seed"] == seed}
+        assert set(body_epochs) == set(METHODS)
+        assert len(set(body_epochs.values())) == 1, body_epochs
+        base = next(r for r in recs if r["seed"] == seed and r["method"] == "baseline")
+        assert set(body_epochs.values()) == {base["epochs_used"]}
+        # The C3 stage comes after the body budget, never inside it.
+        for r in recs:
+            if r["seed"] == seed and r["method"] in ("mmim", "baseline+c3"):
+                stages = [h["stage"] for h in r["history"]]
+                assert stages == sorted(stages) and stages.count(2) == 1
+    check_equal_budgets(recs)
+    bad = json.loads(json.dumps(recs))
+    victim = next(r for r in bad if r["method"] == "c4")
+    victim["history"] = victim["history"][:-1] if len(victim["history"]) > 1 else victim["history"] * 2
+    victim["epochs_used"] = len(victim["history"])
+    with pytest.raises(ValueError, match="unequal body budgets"):
+        check_equal_budgets(bad)
+
+
+def test_cli_resume_and_shards_match_single_process(tiny_run, tmp_path, capsys):
     from mmim_ext.experiments.__main__ import main
 
-    accs = []
-    for k in range(2):
-        out = str(tmp_path / f"r{k}")
-        assert main(["table1", *TINY, "--seeds", "1", "--archs", "mlp", "--methods", "baseline,c4", "--no-plots",
-                     "--out", out]) == 0
-        with open(os.path.join(out, "results.json")) as f:
-            accs.append([r["accs"] for r in json.load(f)["rows"]])
-    assert accs[0] == accs[1]
+    args = ["table1", *TINY, "--quick", "--seeds", "2", "--archs", "mlp", "--methods", "baseline,c1,mmim,c4",
+            "--no-plots"]
+    out = str(tmp_path / "sharded")
+    assert main([*args, "--shard", "0/2", "--out", out]) == 0
+    assert not os.path.exists(os.path.join(out, "results.json"))  # shard 1's runs are still missing
+    assert main([*args, "--shard", "1/2", "--out", out]) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    single = {r["method"]: r["accs"] for r in json.load(open(os.path.join(tiny_run, "results.json")))["rows"]}
+    for r in res["rows"]:
+        assert r["accs"] == single[r["method"]], r["method"]  # same seeds, same runs
+    # Resuming trains nothing: the per-run files are left as they are.
+    mtimes = {p: os.path.getmtime(p) for p in _all_json(out)}
+    capsys.readouterr()
+    assert main([*args, "--out", out]) == 0
+    assert {p: os.path.getmtime(p) for p in _all_json(out)} == mtimes
+    printed = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith(("table mlp", "tune mlp")) for line in printed)  # no job ran
+    # Merging the directory reproduces the table.
+    merged = str(tmp_path / "merged")
+    assert main(["table1", "--merge", out, "--no-plots", "--out", merged]) == 0
+    assert json.load(open(os.path.join(merged, "results.json")))["rows"] == res["rows"]
 
 
-def test_cli_tune_uses_validation(tmp_path):
+def _all_json(out):
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(os.path.join(out, "runs")) for f in fs if f.endswith(".json"))
+
+
+def test_cli_tune_picks_on_validation(tmp_path):
     from mmim_ext.experiments.__main__ import main
 
     out = str(tmp_path / "tune")
-    rc = main(["table1", *TINY, "--seeds", "1", "--archs", "mlp", "--methods", "baseline,c4", "--tune",
-               "--tune-grid", "0.01,1", "--tune-seeds", "1", "--no-plots", "--out", out])
+    rc = main(["table1", *TINY, "--seeds", "2", "--archs", "mlp", "--methods", "baseline,c4,mmim", "--tune-grid",
+               "0.001,0.1", "--tune-seeds", "1", "--no-measure", "--no-plots", "--out", out])
     assert rc == 0
-    tuned = json.load(open(os.path.join(out, "tune.json")))
-    assert tuned["chosen"]["mlp"]["c4"] in (0.01, 1.0)
-    scores = {s["reg_weight"]: s["val_acc_mean"] for s in tuned["scores"] if s["method"] == "c4"}
-    assert tuned["chosen"]["mlp"]["c4"] == max(scores, key=lambda k: (scores[k], -k))
     res = json.load(open(os.path.join(out, "results.json")))
-    c4 = [r for r in res["rows"] if r["method"] == "c4"][0]
-    assert c4["reg_weight"] == tuned["chosen"]["mlp"]["c4"]
+    tuning = res["tuning"]
+    assert tuning["seeds"] == [1000] and tuning["grid"] == [0.001, 0.1]
+    recs = [r for r in _records(out) if r["phase"] == "tune"]
+    assert {r["seed"] for r in recs} == {1000} and not {r["seed"] for r in recs} & {0, 1}
+    for c in tuning["curves"]:
+        vals = {p["reg_weight"]: p["val_acc_mean"] for p in c["points"]}
+        assert c["chosen"] == max(sorted(vals), key=lambda k: vals[k]) or vals[c["chosen"]] == max(vals.values())
+        assert c["lambda_at_grid_edge"] is True  # a two-point grid: every choice is at an edge
+        row = next(r for r in res["rows"] if r["method"] == c["method"])
+        assert row["reg_weight"] == c["chosen"] and row["lambda_at_grid_edge"] is True
 
 
 def test_cli_errors(tmp_path, capsys):
     from mmim_ext.experiments.__main__ import main
 
-    assert main(["table1", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--no-progress"]) == 2
+    assert main(["table1", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "t10k-images-idx3-ubyte" in err and "train-labels-idx1-ubyte" in err
     with pytest.raises(SystemExit):
         main(["table1", "--archs", "mlp,transformer"])
     assert "--archs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main(["table1", "--shard", "2/2"])
+    with pytest.raises(SystemExit):
         main(["nosuchcommand"])
-
-
-def _fake_run_dir(path, arch, accs_by_method):
-    runs = [{"arch": arch, "method": m, "seed": s, "reg_weight": 0.0 if m == "baseline" else 1e-3, "wall_s": 1.0,
-             "history": [{"ce": 1.0}], "acc_val": a, "acc_test": a}
-            for m, accs in accs_by_method.items() for s, a in enumerate(accs)]
-    os.makedirs(path)
-    with open(os.path.join(path, "runs.json"), "w") as f:
-        json.dump(runs, f)
-    with open(os.path.join(path, "results.json"), "w") as f:
-        json.dump({"dataset": "digits", "config": {"epochs": 3}, "rows": [], "total_wall_s": 5.0}, f)
-
-
-def test_cli_merge(tmp_path, capsys):
-    from mmim_ext.experiments.__main__ import main
-
-    _fake_run_dir(tmp_path / "a", "mlp", {"baseline": [80.0, 82.0], "c4": [81.0, 84.0]})
-    _fake_run_dir(tmp_path / "b", "cnn", {"baseline": [90.0, 91.0], "c4": [89.0, 90.0]})
-    out = str(tmp_path / "m")
-    assert main(["table1", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--no-plots", "--out", out]) == 0
-    res = json.load(open(os.path.join(out, "results.json")))
-    rows = {(r["arch"], r["method"]): r for r in res["rows"]}
-    assert set(rows) == {("mlp", "baseline"), ("mlp", "c4"), ("cnn", "baseline"), ("cnn", "c4")}
-    assert rows[("mlp", "c4")]["acc_mean"] == pytest.approx(82.5)
-    assert rows[("mlp", "c4")]["diff_vs_baseline_mean"] == pytest.approx(1.5)  # paired: (+1, +2)
-    assert rows[("cnn", "c4")]["wins_vs_baseline"] == 0
-    # The same directory twice duplicates runs: refused.
-    assert main(["table1", "--merge", str(tmp_path / "a"), str(tmp_path / "a"), "--no-plots", "--out", out]) == 2
-    assert "twice" in capsys.readouterr().err
+    assert main(["table1", "--merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a table1 --out directory" in capsys.readouterr().err
 
 
 def test_module_entry_point_subprocess():
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "mmim_ext.experiments", "table1", "--help"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "--quick" in r.stdout and "--tune" in r.stdout
+    assert r.returncode == 0 and "--quick" in r.stdout and "--shard" in r.stdout and "--merge" in r.stdout

@@ -18,6 +18,8 @@ Modules
                                                    ``I(h_1; ...; h_m)`` with one joint critic.
     :mod:`~mmim_ext.estimators.vector`             :class:`VectorMINE`, ``I(X; Y)`` of two vectors.
     :mod:`~mmim_ext.estimators.unit_label`         :class:`UnitLabelMINE`, ``I(Y; h_i)`` per unit.
+    :mod:`~mmim_ext.estimators.label`              :class:`LabelMINE`, ``I(Y; h)`` of a whole
+                                                   layer, and one-call ``I(Y; h)`` / ``I(Y; h_i)``.
     :mod:`~mmim_ext.estimators.base`               :class:`MIEstimator`, the shared entry points.
     :mod:`~mmim_ext.estimators.bounds`             the bounds (``BOUNDS``), MINE's moving average,
                                                    the critics' optimizer.
@@ -28,6 +30,7 @@ Modules
 from mmim_ext.estimators.base import MIEstimator
 from mmim_ext.estimators.bounds import BOUNDS, critic_adam
 from mmim_ext.estimators.fitting import estimate_mi, estimate_pairwise_mi, estimate_total_correlation
+from mmim_ext.estimators.label import LabelMINE, estimate_label_mi, estimate_unit_label_mi
 from mmim_ext.estimators.negatives import NEGATIVES, make_perms
 from mmim_ext.estimators.pairwise import PairwiseMINE
 from mmim_ext.estimators.total_correlation import TotalCorrelationMINE
@@ -36,6 +39,7 @@ from mmim_ext.estimators.vector import VectorMINE
 
 __all__ = [
     "BOUNDS",
+    "LabelMINE",
     "MIEstimator",
     "NEGATIVES",
     "PairwiseMINE",
@@ -43,8 +47,10 @@ __all__ = [
     "UnitLabelMINE",
     "VectorMINE",
     "critic_adam",
+    "estimate_label_mi",
     "estimate_mi",
     "estimate_pairwise_mi",
     "estimate_total_correlation",
+    "estimate_unit_label_mi",
     "make_perms",
 ]
