@@ -327,10 +327,7 @@ def train_mmim(body: nn.Module, head: nn.Linear, train_loader, *, stage1_epochs:
 
 
 @torch.no_grad()
-def evaluate_classifier(body: nn.Module, head: nn.Module, loader, device="cpu") -> tuple[float, float]:
-    """``(mean cross-entropy in nats, top-1 accuracy in percent)`` of ``head(body(x))`` over
-    ``loader`` in eval mode (train/eval modes restored afterwards)."""
-    owner = "evaluate_classifier"
+def _evaluate(owner: str, body: nn.Module, head: nn.Module, loader, device) -> tuple[float, float]:
     _check_body_head(owner, body, head, (nn.Linear, GaussianLinear))
     modes = (body.training, head.training)
     body.to(device).eval()
@@ -351,25 +348,13 @@ def evaluate_classifier(body: nn.Module, head: nn.Module, loader, device="cpu") 
     return loss / seen, 100.0 * correct / seen
 
 
-@torch.no_grad()
+def evaluate_classifier(body: nn.Module, head: nn.Module, loader, device="cpu") -> tuple[float, float]:
+    """``(mean cross-entropy in nats, top-1 accuracy in percent)`` of ``head(body(x))`` over
+    ``loader`` in eval mode (train/eval modes restored afterwards)."""
+    return _evaluate("evaluate_classifier", body, head, loader, device)
+
+
 def accuracy(body: nn.Module, head: nn.Module, loader, device="cpu") -> float:
     """Top-1 accuracy of ``head(body(x))`` over ``loader`` in percent (eval mode; a
     :class:`GaussianLinear` head uses its mean weights)."""
-    owner = "accuracy"
-    _check_body_head(owner, body, head, (nn.Linear, GaussianLinear))
-    modes = (body.training, head.training)
-    body.to(device).eval()
-    head.to(device).eval()
-    correct, seen = 0, 0
-    try:
-        for batch in loader:
-            x, y = _unpack(owner, batch, device)
-            logits = head(_features(owner, body, x, head.in_features))
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.shape[0]
-    finally:
-        body.train(modes[0])
-        head.train(modes[1])
-    if seen == 0:
-        raise ValueError(f"{owner}: argument 'loader' yielded no batches")
-    return 100.0 * correct / seen
+    return _evaluate("accuracy", body, head, loader, device)[1]

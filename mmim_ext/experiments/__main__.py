@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from mmim_ext.experiments.cli import positive_int
+
 # --quick: the README's offline smoke job (digits, both architectures, every method, 2 seeds,
 # default λ, short budgets); must finish in a few minutes on 2 cores.
 QUICK = {"seeds": 2, "max_epochs": 12, "patience": 3, "c3_epochs": 2, "max_pairs": 256}
@@ -22,16 +24,6 @@ def _csv(kind: str, choices):
                 f"{kind} must be a comma-separated subset of {','.join(choices)}, got {text!r}")
         return items
     return parse
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -86,7 +78,7 @@ def _add_table1(sub) -> None:
                     "processes), then results.json, results.md and plots in --out. See docs/table1.md.")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="data set (default: digits)")
     p.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files")
-    p.add_argument("--seeds", type=_positive_int, default=None,
+    p.add_argument("--seeds", type=positive_int, default=None,
                    help=f"table seeds 0..N-1 (default {FULL_SEEDS}; {QUICK['seeds']} with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 seeds, no λ search, short budgets, small measurements (minutes)")
@@ -97,22 +89,22 @@ def _add_table1(sub) -> None:
     p.add_argument("--no-tune", action="store_true", help="no λ search: default λ or --reg-weight")
     p.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
     p.add_argument("--tune-grid", type=_float_list, default=TUNE_GRID, help="λ grid (default 1e-6..1e-1)")
-    p.add_argument("--tune-seeds", type=_positive_int, default=FULL_TUNE_SEEDS,
+    p.add_argument("--tune-seeds", type=positive_int, default=FULL_TUNE_SEEDS,
                    help=f"tuning seeds 1000..1000+N-1, disjoint from the table's (default {FULL_TUNE_SEEDS})")
-    p.add_argument("--tune-max-epochs", type=_positive_int, default=None,
+    p.add_argument("--tune-max-epochs", type=positive_int, default=None,
                    help="epoch cap of the tuning runs (default: --max-epochs)")
     p.add_argument("--reg-weight", type=_reg_weights, default=None,
                    help="λ without search, e.g. 'c4=0.1,mmim=1' or one number for all (implies --no-tune)")
-    p.add_argument("--max-epochs", type=_positive_int, default=None, help="epoch cap of the baseline's early stopping (default 200)")
-    p.add_argument("--patience", type=_positive_int, default=None, help="early-stopping patience in epochs (default 10)")
-    p.add_argument("--c3-epochs", type=_positive_int, default=None, help="epochs of the C3 stage (default 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--max-epochs", type=positive_int, default=None, help="epoch cap of the baseline's early stopping (default 200)")
+    p.add_argument("--patience", type=positive_int, default=None, help="early-stopping patience in epochs (default 10)")
+    p.add_argument("--c3-epochs", type=positive_int, default=None, help="epochs of the C3 stage (default 10)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--width", type=_positive_int, default=128, help="penultimate units m (default 128)")
-    p.add_argument("--max-pairs", type=_positive_int, default=None,
+    p.add_argument("--width", type=positive_int, default=128, help="penultimate units m (default 128)")
+    p.add_argument("--max-pairs", type=positive_int, default=None,
                    help="pairs of units sampled per step for the pairwise terms (default 1024; the sum is "
                         "rescaled to all pairs)")
-    p.add_argument("--critic-hidden", type=_positive_int, default=8, help="hidden units of each critic (default 8)")
+    p.add_argument("--critic-hidden", type=positive_int, default=8, help="hidden units of each critic (default 8)")
     p.add_argument("--no-measure", action="store_true", help="skip the held-out information measurements")
     p.add_argument("--shard", type=_shard, default=(0, 1),
                    help="I/N: run job I, I+N, ... of the plan (start N processes on one --out)")
@@ -122,9 +114,9 @@ def _add_table1(sub) -> None:
                    help="seconds to wait for other shards' tuning runs (default: forever)")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                    help="do not train: combine the per-run files of earlier --out directories into --out")
-    p.add_argument("--train-subset", type=_positive_int, default=None,
+    p.add_argument("--train-subset", type=positive_int, default=None,
                    help="use only the first N training samples (smoke tests)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--progress", action="store_true", help="per-epoch progress bars")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # the default now

@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from mmim_ext.experiments.cli import positive_int
 from mmim_ext.experiments.infoplane_merge import merge, probe_path, run_path
 from mmim_ext.experiments.infoplane_train import (ACTIVATIONS, DEFAULT_LR, OPTIMIZERS, WIDTHS, RunConfig, Setting,
                                                   build_net, train_one)
@@ -102,16 +103,6 @@ def _float_list(flag: str, lo: float, hi: float, lo_open: bool):
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m mmim_ext.experiments infoplane``."""
     q, f = QUICK, FULL
@@ -119,9 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{q['seeds']} seeds, {q['epochs']} epochs, {q['points']} recordings, noise variances "
                              f"{q['noise_vars']} (minutes on 2 cores)")
     parser.add_argument("--out", default=None, help="output folder (default results/infoplane[_quick])")
-    parser.add_argument("--seeds", type=_positive_int, default=None,
+    parser.add_argument("--seeds", type=positive_int, default=None,
                         help=f"run seeds 0..N-1 (default {f['seeds']}; {q['seeds']} with --quick)")
-    parser.add_argument("--epochs", type=_positive_int, default=None, help=f"training epochs (default {f['epochs']})")
+    parser.add_argument("--epochs", type=positive_int, default=None, help=f"training epochs (default {f['epochs']})")
     parser.add_argument("--points", type=int, default=None, help=f"log-spaced recording epochs (default {f['points']})")
     parser.add_argument("--activations", type=_csv_choices("--activations", ACTIVATIONS), default=("tanh", "relu"),
                         help="comma-separated subset of " + ",".join(ACTIVATIONS) + " (default tanh,relu; relu-tanh: "
@@ -132,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate for every optimizer (default " +
                              ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    parser.add_argument("--batch-size", type=_positive_int, default=256, help="minibatch size (gd: for the SNR only)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="minibatch size (gd: for the SNR only)")
     parser.add_argument("--binning", choices=("adaptive", "fixed"), default="adaptive",
                         help="scheme reported as results.json compression[...]['binned'] (both are recorded "
                              "and plotted): adaptive = 30 bins over [-1,1] (tanh) / per-epoch [min,max] (ReLU); "
@@ -148,14 +139,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(margin vs generalization), e.g. 0,0.1,0.2")
     parser.add_argument("--no-probes", action="store_true",
                         help="skip the per-seed probes (wide-net separability, residual-block Lipschitz bounds)")
-    parser.add_argument("--probe-epochs", type=_positive_int, default=None,
+    parser.add_argument("--probe-epochs", type=positive_int, default=None,
                         help=f"training epochs of the probe networks (default {f['probe_epochs']}; "
                              f"{q['probe_epochs']} with --quick)")
     parser.add_argument("--train-fraction", type=float, default=0.85)
-    parser.add_argument("--eval-subset", type=_positive_int, default=None,
+    parser.add_argument("--eval-subset", type=positive_int, default=None,
                         help="measure the information plane on a fixed random subset of this many of the 4096 "
                              "inputs (KDE costs N^2; I(X;T) is then capped at log2 N; default: all)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads (use 1 per process when two processes share the folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--merge", "--replot", dest="merge", action="store_true",
