@@ -203,6 +203,18 @@ def _fit_label_critic(mod, h, labels, evaluate, *, batch_size, val_fraction, max
     return best
 
 
+def _prepare(owner, h, labels, estimator, batch_size, val_fraction, max_epochs, patience, lr, seed):
+    """Checked ``(h, labels, num_classes)`` for the one-call label estimators; seeds torch's RNG."""
+    h, labels = _check_data(owner, h, labels, batch_size, val_fraction, max_epochs, patience, lr)
+    check_choice(owner, "estimator", estimator, BOUNDS)
+    num_classes = int(labels.max()) + 1
+    if num_classes < 2:
+        raise ValueError(f"{owner}: argument 'labels' must hold at least two classes")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return h, labels, num_classes
+
+
 def estimate_label_mi(h, labels, *, hidden: int = 64, layers: int = 2, estimator: str = "mine",
                       batch_size: int = 256, lr: float = 1e-3, max_epochs: int = 100, patience: int = 10,
                       min_delta: float = 1e-3, val_fraction: float = 0.2, seed: int | None = 0) -> float:
@@ -217,13 +229,8 @@ def estimate_label_mi(h, labels, *, hidden: int = 64, layers: int = 2, estimator
             stopping, as in :func:`mmim_ext.estimate_pairwise_mi`.
     """
     owner = "estimate_label_mi"
-    h, labels = _check_data(owner, h, labels, batch_size, val_fraction, max_epochs, patience, lr)
-    check_choice(owner, "estimator", estimator, BOUNDS)
-    num_classes = int(labels.max()) + 1
-    if num_classes < 2:
-        raise ValueError(f"{owner}: argument 'labels' must hold at least two classes")
-    if seed is not None:
-        torch.manual_seed(seed)
+    h, labels, num_classes = _prepare(owner, h, labels, estimator, batch_size, val_fraction, max_epochs, patience,
+                                      lr, seed)
     mod = LabelMINE(h.shape[1], num_classes, hidden=hidden, layers=layers, estimator=estimator)
 
     def evaluate(mod, hv, yv):
@@ -241,13 +248,8 @@ def estimate_unit_label_mi(h, labels, *, hidden: int = 16, estimator: str = "min
     :class:`mmim_ext.UnitLabelMINE` trained as in :func:`estimate_label_mi`; each unit's entry
     is its best bound on the held-out part."""
     owner = "estimate_unit_label_mi"
-    h, labels = _check_data(owner, h, labels, batch_size, val_fraction, max_epochs, patience, lr)
-    check_choice(owner, "estimator", estimator, BOUNDS)
-    num_classes = int(labels.max()) + 1
-    if num_classes < 2:
-        raise ValueError(f"{owner}: argument 'labels' must hold at least two classes")
-    if seed is not None:
-        torch.manual_seed(seed)
+    h, labels, num_classes = _prepare(owner, h, labels, estimator, batch_size, val_fraction, max_epochs, patience,
+                                      lr, seed)
     mod = UnitLabelMINE(h.shape[1], num_classes, hidden=hidden, estimator=estimator)
 
     def evaluate(mod, hv, yv):
