@@ -34,18 +34,55 @@ def _truth(mu):
 def test_label_mi_matches_quadrature(mu):
     h, y = _two_class_data(mu=mu)
     truth = _truth(mu)
-    est = estimate_label_mi(h, y, max_epochs=60, patience=8)
+    est, low, high = estimate_label_mi(h, y, max_epochs=60, patience=8, return_ci=True)
     assert est == pytest.approx(truth, abs=0.04)
-    units = estimate_unit_label_mi(h, y, max_epochs=60, patience=8)
-    assert units.shape == (3,) and units.dtype == torch.float32
+    assert low < est < high and high - low < 0.2
+    units, ulow, uhigh = estimate_unit_label_mi(h, y, max_epochs=60, patience=8, return_ci=True)
+    assert units.shape == ulow.shape == uhigh.shape == (3,) and units.dtype == torch.float32
+    assert bool((ulow <= units).all() and (units <= uhigh).all())
     assert float(units[0]) == pytest.approx(truth, abs=0.04)
     assert float(units[1:].abs().max()) < 0.03  # noise units carry no label information
+    # the interval is computed on the test bound itself: the same value without return_ci
+    assert estimate_label_mi(h, y, max_epochs=60, patience=8) == pytest.approx(est, abs=1e-5)
 
 
-def test_label_mi_independent_is_zero():
-    g = torch.Generator().manual_seed(1)
-    h, y = torch.randn(2000, 4, generator=g), torch.randint(0, 3, (2000,), generator=g)
-    assert abs(estimate_label_mi(h, y, max_epochs=30, patience=5)) < 0.03
+def test_label_estimates_not_positively_biased_on_independent_data():
+    """The test-split bound of the critic chosen on the validation split: over 20 seeds of
+    independent (label, features) its mean is not positive by more than its standard error.
+    (The best validation bound over epochs, a maximum of noisy values, was: +0.0014 +- 0.0008
+    for estimate_label_mi at these settings.)"""
+    label, units = [], []
+    for s in range(20):
+        g = torch.Generator().manual_seed(100 + s)
+        h, y = torch.randn(800, 3, generator=g), torch.randint(0, 3, (800,), generator=g)
+        kw = dict(max_epochs=20, patience=3, lr_decays=0, seed=s)
+        label.append(estimate_label_mi(h, y, hidden=16, **kw))
+        units.append(float(estimate_unit_label_mi(h[:, :2], y, hidden=8, **kw).mean()))
+    for vals in (np.array(label), np.array(units)):
+        assert vals.mean() <= vals.std(ddof=1) / math.sqrt(len(vals)), vals
+
+
+@pytest.mark.parametrize("estimator", ["mine", "nwj", "smile"])
+def test_label_bootstrap_weights_equal_resampled_data(estimator):
+    """A bootstrap replicate of the label bound (multiplicities w) equals the module's bound on
+    the data set that repeats sample n w_n times, label marginal included."""
+    from mmim_ext.estimators import UnitLabelMINE
+    from mmim_ext.estimators.intervals import _resample_weights, label_weighted_bounds
+
+    torch.manual_seed(0)
+    h, y = torch.randn(60, 3, dtype=torch.float64), torch.randint(0, 4, (60,))
+    y[:4] = torch.arange(4)
+    w = _resample_weights(60, 3, torch.Generator().manual_seed(1))
+    for mod in (LabelMINE(3, 4, hidden=8, estimator=estimator, standardize=False).double(),
+                UnitLabelMINE(3, 4, hidden=8, estimator=estimator, standardize=False).double()):
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.add_(torch.randn_like(p))  # scores well away from 0, beyond SMILE's clip
+        got = label_weighted_bounds(estimator, mod._class_scores(h, y), y, w, smile_clip=mod.smile_clip)
+        for r in range(w.shape[0]):
+            idx = torch.repeat_interleave(torch.arange(60), w[r].long())
+            want = mod.evaluate(h[idx], y[idx]).reshape(-1)
+            torch.testing.assert_close(got[r], want.double(), rtol=1e-9, atol=1e-9)
 
 
 def test_label_mine_bad_input():

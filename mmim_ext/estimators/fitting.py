@@ -202,13 +202,13 @@ def _seeded_generator(seed):
     return gen
 
 
-def _prepare_units(owner: str, h, labels, kw: dict):
-    """Checks for the estimators over the units of one matrix ``h`` [N, m], seeding, the split
-    and the marginal map: ((h_tr, h_va, h_te), (y_tr, y_va, y_te), generator)."""
+def _prepare_units(owner: str, h, labels, kw: dict, min_units: int = 2):
+    """Checks for the estimators over the units of one matrix ``h`` [N, m] (``m >= min_units``),
+    seeding, the split and the marginal map: ((h_tr, h_va, h_te), (y_tr, y_va, y_te), generator)."""
     h = _as_2d("h", owner, h)
     N, m = h.shape
-    if m < 2:
-        raise ValueError(f"{owner}: argument 'h' needs at least 2 columns (units), got shape {list(h.shape)}")
+    if m < min_units:
+        raise ValueError(f"{owner}: argument 'h' needs at least {min_units} columns (units), got shape {list(h.shape)}")
     if labels is not None:
         labels = torch.as_tensor(labels)
         check_labels(owner, labels, N)

@@ -23,7 +23,8 @@ import math
 
 import torch
 
-__all__ = ["bootstrap_bound", "pair_scores", "tuple_weights", "weighted_bounds"]
+__all__ = ["bootstrap_bound", "bootstrap_label_bound", "label_weighted_bounds", "pair_scores", "tuple_weights",
+           "weighted_bounds"]
 
 # Negatives per chunk of the weighted sums ([num_bootstrap, chunk] weights at a time).
 _CHUNK = 1 << 15
@@ -152,12 +153,64 @@ def bootstrap_bound(estimator: str, joint: torch.Tensor, marg: torch.Tensor, ind
         ``(estimate [P], low [P], high [P])`` float64; ``estimate`` is the bound on the held-out
         set itself (all multiplicities 1).
     """
-    N = joint.shape[0]
+    w = _resample_weights(joint.shape[0], num_bootstrap, generator)
+    total = weighted_bounds(estimator, joint, marg, index, w, groups=groups, smile_clip=smile_clip)
+    return _percentile_interval(total, ci)
+
+
+def _resample_weights(N: int, num_bootstrap: int, generator) -> torch.Tensor:
+    """``[1 + num_bootstrap, N]`` float64 multiplicities: row 0 all ones (the held-out set
+    itself), then one multinomial resample of the ``N`` samples per row."""
     draws = torch.randint(0, N, (num_bootstrap, N), generator=generator)
     w = torch.zeros(num_bootstrap, N, dtype=torch.float64).scatter_add_(
         1, draws, torch.ones(num_bootstrap, N, dtype=torch.float64))
-    w = torch.cat([torch.ones(1, N, dtype=torch.float64), w])  # row 0: the held-out set itself
-    total = weighted_bounds(estimator, joint, marg, index, w, groups=groups, smile_clip=smile_clip)
+    return torch.cat([torch.ones(1, N, dtype=torch.float64), w])
+
+
+def _percentile_interval(total: torch.Tensor, ci: float):
+    """``(row 0, low, high)`` of bounds ``[1 + nb, P]`` whose row 0 is the unresampled set."""
     alpha = (1.0 - ci) / 2.0
     reps = total[1:]
     return total[0], torch.quantile(reps, alpha, dim=0), torch.quantile(reps, 1.0 - alpha, dim=0)
+
+
+def label_weighted_bounds(estimator: str, scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *,
+                          smile_clip: float = 5.0) -> torch.Tensor:
+    """The label bound of :class:`~mmim_ext.LabelMINE` / :class:`~mmim_ext.UnitLabelMINE` for
+    each row of sample multiplicities ``weights`` ``[nb, N]``: ``[nb, E]`` float64 (nats).
+
+    The product of the marginals is integrated exactly over the classes, with the class
+    frequencies of the (resampled) set: ``p_w(y) = sum_{n: y_n = y} w_n / N`` and
+    ``lme = log (1/N) sum_n w_n sum_y p_w(y) exp(T(y, h_n))``, the module's value on the data
+    set that holds sample ``n`` ``w_n`` times.
+
+    Args:
+        estimator: ``"mine"``, ``"nwj"`` or ``"smile"`` (scores clipped in the marginal term).
+        scores: ``[N, E, C]`` critic scores ``T_e(y, h_n)`` for every class ``y`` of ``E``
+            bounds at once (one for ``LabelMINE``, one per unit for ``UnitLabelMINE``).
+        labels: ``[N]`` int64 classes in ``[0, C)``.
+        weights: ``[nb, N]`` non-negative multiplicities, each row summing to ``N``.
+    """
+    N, E, C = scores.shape
+    s, w = scores.double(), weights.double()
+    joint = s.gather(2, labels.view(N, 1, 1).expand(N, E, 1)).squeeze(2)  # [N, E]
+    t_joint = (w @ joint) / N
+    p = (w @ torch.nn.functional.one_hot(labels, C).double()) / N  # [nb, C]
+    if estimator == "smile":
+        s = s.clamp(-smile_clip, smile_clip)
+    shift = s.amax(dim=(0, 2))  # [E]: exp below cannot overflow
+    ex = torch.exp(s - shift.view(1, E, 1)).reshape(N, E * C)
+    inner = (w @ ex).view(-1, E, C)  # [nb, E, C]: sum_n w_n exp(T(y, h_n))
+    lme = torch.log((inner * p.unsqueeze(1)).sum(2).clamp_min(1e-300) / N) + shift
+    return _bound(estimator, t_joint, lme)
+
+
+def bootstrap_label_bound(estimator: str, scores: torch.Tensor, labels: torch.Tensor, *, num_bootstrap: int = 200,
+                          ci: float = 0.95, smile_clip: float = 5.0, generator: torch.Generator | None = None):
+    """Label bound and percentile bootstrap interval over the held-out samples (nats).
+
+    Arguments as :func:`label_weighted_bounds`; returns ``(estimate [E], low [E], high [E])``
+    float64, ``estimate`` on the held-out set itself.
+    """
+    w = _resample_weights(scores.shape[0], num_bootstrap, generator)
+    return _percentile_interval(label_weighted_bounds(estimator, scores, labels, w, smile_clip=smile_clip), ci)

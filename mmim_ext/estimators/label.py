@@ -19,15 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmim_ext._checks import check_choice, check_features, check_labels, check_positive_int
-from mmim_ext.estimators.base import MIEstimator, check_coef, check_finite
-from mmim_ext.estimators.bounds import BOUNDS, LogEMA, critic_adam, mine_loss, nwj_bound, standardize
-from mmim_ext.estimators.unit_label import UnitLabelMINE
+from mmim_ext._checks import check_positive_int
+from mmim_ext.estimators.base import check_coef
+from mmim_ext.estimators.bounds import LogEMA, mine_loss, nwj_bound
+from mmim_ext.estimators.fitting import _boot_generator, _prepare_units, _train_select, _with_extras
+from mmim_ext.estimators.intervals import bootstrap_label_bound
+from mmim_ext.estimators.unit_label import LabelEstimator, UnitLabelMINE
 
 __all__ = ["LabelMINE", "estimate_label_mi", "estimate_unit_label_mi"]
 
 
-class LabelMINE(MIEstimator):
+class LabelMINE(LabelEstimator):
     """``I(Y; h)`` for a label ``Y`` in ``0..num_classes-1`` and features ``h`` ``[B, m]`` (nats).
 
     Args:
@@ -50,17 +52,8 @@ class LabelMINE(MIEstimator):
                  estimator: str = "mine", ema: float = 0.01, smile_clip: float = 5.0, standardize: bool = True):
         super().__init__()
         owner = "LabelMINE"
-        check_positive_int(owner, "num_units", num_units)
-        check_positive_int(owner, "num_classes", num_classes, 2)
-        check_positive_int(owner, "hidden", hidden)
         check_positive_int(owner, "layers", layers, 0)
-        check_choice(owner, "estimator", estimator, BOUNDS)
-        if not 0.0 < float(ema) <= 1.0:
-            raise ValueError(f"{owner}: argument 'ema' must be in (0, 1], got {ema!r}")
-        self.num_units, self.num_classes = num_units, num_classes
-        self.estimator = estimator
-        self.smile_clip = float(smile_clip)
-        self.standardize = standardize
+        self._init_label(owner, num_units, num_classes, hidden, estimator, ema, smile_clip, standardize)
         mods: list[nn.Module] = []
         d = num_units
         for _ in range(layers):
@@ -72,15 +65,6 @@ class LabelMINE(MIEstimator):
             self.critic[-1].weight.mul_(0.1)  # T starts near a constant: estimate ~ 0
             self.critic[-1].bias.fill_(1.0 if estimator == "nwj" else 0.0)
         self._ema = LogEMA(1, ema) if estimator == "mine" else None
-
-    def _prepare(self, h, labels, owner):
-        check_features(owner, "h", h, self.num_units)
-        check_finite(owner, "h", h)
-        if labels is None:
-            raise ValueError(f"{owner}: argument 'labels' is required (I(Y; h) needs the labels)")
-        check_labels(owner, labels, h.shape[0], self.num_classes)
-        h = h.to(self.critic[-1].weight.dtype)
-        return standardize(h) if self.standardize else h
 
     def _stats(self, h, labels, detach):
         if detach:
@@ -128,133 +112,90 @@ class LabelMINE(MIEstimator):
         """The bound (nats, 0-d) on held-out data: no training, no moving average."""
         return self._frozen(h, labels, owner="LabelMINE.evaluate")
 
-
-def _check_data(owner, h, labels, batch_size, val_fraction, max_epochs, patience, lr):
-    if not isinstance(h, torch.Tensor):
-        h = torch.as_tensor(h)
-    if h.dim() == 1:
-        h = h.unsqueeze(1)
-    if not h.is_floating_point():
-        h = h.float()
-    check_features(owner, "h", h)
-    if not bool(torch.isfinite(h).all()):
-        raise ValueError(f"{owner}: argument 'h' contains NaN or infinite values")
-    labels = torch.as_tensor(labels)
-    check_labels(owner, labels, h.shape[0])
-    check_positive_int(owner, "batch_size", batch_size, 2)
-    check_positive_int(owner, "max_epochs", max_epochs)
-    check_positive_int(owner, "patience", patience)
-    if not 0.0 < float(val_fraction) < 1.0:
-        raise ValueError(f"{owner}: argument 'val_fraction' must be in (0, 1), got {val_fraction!r}")
-    if not float(lr) > 0:
-        raise ValueError(f"{owner}: argument 'lr' must be > 0, got {lr!r}")
-    n_val = int(round(h.shape[0] * val_fraction))
-    if n_val < 16 or h.shape[0] - n_val < 16:
-        raise ValueError(f"{owner}: needs at least 16 training and 16 validation samples; got {h.shape[0]} "
-                         f"samples with val_fraction={val_fraction}")
-    return h.detach().float(), labels
+    @torch.no_grad()
+    def _class_scores(self, h, labels):
+        """Scores ``[B, 1, C]`` for every class (no gradient), for
+        :func:`mmim_ext.estimators.intervals.bootstrap_label_bound`."""
+        h = self._prepare(h, labels, "LabelMINE.evaluate")
+        return self._stats(h, labels, detach=True)[2].unsqueeze(1)
 
 
-def _fit_label_critic(mod, h, labels, evaluate, *, batch_size, val_fraction, max_epochs, patience, lr,
-                      min_delta, seed, min_steps=20):
-    """Train ``mod`` on a training part of ``(h, labels)`` and return the best validation value of
-    ``evaluate(mod, h_val, y_val)`` (a tensor), stopping after ``patience`` epochs without a rise
-    of more than ``min_delta`` nats in any element."""
-    gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(seed)
-        torch.manual_seed(seed)
-    else:
-        gen.seed()
-    N = h.shape[0]
-    perm = torch.randperm(N, generator=gen)
-    n_val = int(round(N * val_fraction))
-    va, tr = perm[:n_val], perm[n_val:]
-    # Affine standardization by the training part's statistics: MI is unchanged.
-    mean, std = h[tr].mean(0, keepdim=True), h[tr].std(0, keepdim=True).clamp_min(1e-12)
-    h = (h - mean) / std
-    h_tr, y_tr, h_va, y_va = h[tr], labels[tr], h[va], labels[va]
-    opt = critic_adam(mod.parameters(), lr)
-    n_tr = h_tr.shape[0]
-    bs = min(batch_size, n_tr)
-    best, stale = None, 0
-    for _ in range(max_epochs):
-        done = 0
-        while done < min_steps:
-            order = torch.randperm(n_tr, generator=gen)
-            for s in range(0, n_tr - bs + 1, bs):
-                idx = order[s:s + bs]
-                _, loss = mod.critic_loss(h_tr[idx], y_tr[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                done += 1
-        mod.eval()
-        val = evaluate(mod, h_va, y_va).detach().double().reshape(-1)
-        mod.train()
-        if best is None:
-            best = val.clone()
-        else:
-            improved = bool((val > best + min_delta).any())
-            best = torch.maximum(best, val)
-            stale = 0 if improved else stale + 1
-        if stale >= patience:
-            break
-    return best
-
-
-def _prepare(owner, h, labels, estimator, batch_size, val_fraction, max_epochs, patience, lr, seed):
-    """Checked ``(h, labels, num_classes)`` for the one-call label estimators; seeds torch's RNG."""
-    h, labels = _check_data(owner, h, labels, batch_size, val_fraction, max_epochs, patience, lr)
-    check_choice(owner, "estimator", estimator, BOUNDS)
-    num_classes = int(labels.max()) + 1
+def _fit_label(owner, make, h, labels, kw):
+    """The held-out protocol of :mod:`mmim_ext.estimators.fitting` for a label module built by
+    ``make(num_units, num_classes)``: ``(test bounds [E] float64, (low, high) or (), module)``."""
+    if labels is None:
+        raise ValueError(f"{owner}: argument 'labels' is required")
+    (h_tr, h_va, h_te), (y_tr, y_va, y_te), gen = _prepare_units(owner, h, labels, kw, min_units=1)
+    num_classes = int(torch.as_tensor(labels).max()) + 1
     if num_classes < 2:
         raise ValueError(f"{owner}: argument 'labels' must hold at least two classes")
-    if seed is not None:
-        torch.manual_seed(seed)
-    return h, labels, num_classes
+    # The critics see the training split's per-coordinate map (marginals=), not batch statistics:
+    # a fixed function of h, so the test bound and its bootstrap use the same critic.
+    mod = make(h_tr.shape[1], num_classes)
+    size = mod.num_units if isinstance(mod, UnitLabelMINE) else 1
+
+    def validate():
+        return mod.evaluate(h_va, y_va)
+
+    # A unit's critic is independent of the others': stopping point per unit (parameters are
+    # stacked along dim 0); the one critic of LabelMINE as a whole.
+    _train_select(mod, (h_tr, y_tr), validate, size, gen, kw, owner)
+    if not kw["return_ci"]:
+        return mod.evaluate(h_te, y_te).double().reshape(-1), (), mod
+    est, low, high = bootstrap_label_bound(mod.estimator, mod._class_scores(h_te, y_te), y_te,
+                                           num_bootstrap=kw["num_bootstrap"], ci=kw["ci"],
+                                           smile_clip=mod.smile_clip, generator=_boot_generator(kw["seed"]))
+    return est, (low, high), mod
 
 
 def estimate_label_mi(h, labels, *, hidden: int = 64, layers: int = 2, estimator: str = "mine",
-                      batch_size: int = 256, lr: float = 1e-3, max_epochs: int = 100, patience: int = 10,
-                      min_delta: float = 1e-3, val_fraction: float = 0.2, seed: int | None = 0) -> float:
-    """``I(Y; h)`` in nats: a :class:`LabelMINE` critic trained on a training part of the
-    samples, its best bound on the held-out part returned (see
-    :mod:`mmim_ext.estimators.fitting` for the protocol).
+                      marginals: str = "gaussianize", batch_size: int = 256, lr: float = 1e-3, max_epochs: int = 100,
+                      patience: int = 10, lr_decays: int = 2, min_delta: float = 1e-3, val_fraction: float = 0.2,
+                      test_fraction: float = 0.2, return_ci: bool = False, ci: float = 0.95,
+                      num_bootstrap: int = 200, seed: int | None = 0, progress: bool = False,
+                      return_module: bool = False):
+    """``I(Y; h)`` in nats, held out from every choice: a :class:`LabelMINE` critic trained on a
+    training split, its stopping point chosen on a validation split, its bound reported on a test
+    split (the protocol of :mod:`mmim_ext.estimators.fitting`).
 
     Args:
-        h: ``[N, m]`` features (``[N]`` is read as one column); labels: ``[N]`` int64.
+        h: ``[N, m]`` features (``[N]`` is read as one column); labels: ``[N]`` int64 in
+            ``[0, C)``, ``C >= 2``.
         hidden, layers, estimator: the critic (:class:`LabelMINE`).
-        batch_size, lr, max_epochs, patience, min_delta, val_fraction, seed: training and early
-            stopping, as in :func:`mmim_ext.estimate_pairwise_mi`.
+        marginals, batch_size, lr, max_epochs, patience, lr_decays, min_delta, val_fraction,
+            test_fraction, return_ci, ci, num_bootstrap, seed, progress: as in
+            :func:`mmim_ext.estimate_pairwise_mi`; the interval resamples the test samples, and
+            the label marginal with them (:func:`~mmim_ext.estimators.intervals.bootstrap_label_bound`).
+
+    Returns:
+        float, the test bound; ``(estimate, low, high)`` with ``return_ci``; ``return_module``
+        appends the trained :class:`LabelMINE`.
     """
-    owner = "estimate_label_mi"
-    h, labels, num_classes = _prepare(owner, h, labels, estimator, batch_size, val_fraction, max_epochs, patience,
-                                      lr, seed)
-    mod = LabelMINE(h.shape[1], num_classes, hidden=hidden, layers=layers, estimator=estimator)
-
-    def evaluate(mod, hv, yv):
-        return mod.evaluate(hv, yv)
-
-    best = _fit_label_critic(mod, h, labels, evaluate, batch_size=batch_size, val_fraction=val_fraction,
-                             max_epochs=max_epochs, patience=patience, lr=lr, min_delta=min_delta, seed=seed)
-    return float(best[0])
+    kw = dict(locals())
+    est, ci_parts, mod = _fit_label(
+        "estimate_label_mi",
+        lambda m, c: LabelMINE(m, c, hidden=hidden, layers=layers, estimator=estimator, standardize=False),
+        h, labels, kw)
+    return _with_extras(float(est[0]), tuple(float(v[0]) for v in ci_parts), mod, kw)
 
 
-def estimate_unit_label_mi(h, labels, *, hidden: int = 16, estimator: str = "mine", batch_size: int = 256,
-                           lr: float = 5e-3, max_epochs: int = 100, patience: int = 10, min_delta: float = 1e-3,
-                           val_fraction: float = 0.2, seed: int | None = 0) -> torch.Tensor:
-    """``I(Y; h_i)`` for every unit ``i`` (nats, float32 ``[m]``), with a
-    :class:`mmim_ext.UnitLabelMINE` trained as in :func:`estimate_label_mi`; each unit's entry
-    is its best bound on the held-out part."""
-    owner = "estimate_unit_label_mi"
-    h, labels, num_classes = _prepare(owner, h, labels, estimator, batch_size, val_fraction, max_epochs, patience,
-                                      lr, seed)
-    mod = UnitLabelMINE(h.shape[1], num_classes, hidden=hidden, estimator=estimator)
+def estimate_unit_label_mi(h, labels, *, hidden: int = 16, estimator: str = "mine", marginals: str = "gaussianize",
+                           batch_size: int = 256, lr: float = 5e-3, max_epochs: int = 100, patience: int = 10,
+                           lr_decays: int = 2, min_delta: float = 1e-3, val_fraction: float = 0.2,
+                           test_fraction: float = 0.2, return_ci: bool = False, ci: float = 0.95,
+                           num_bootstrap: int = 200, seed: int | None = 0, progress: bool = False,
+                           return_module: bool = False):
+    """``I(Y; h_i)`` for every unit ``i`` in nats, with a :class:`mmim_ext.UnitLabelMINE` fitted
+    as in :func:`estimate_label_mi`; each unit's stopping point is chosen on the validation split
+    by its own bound, and every unit is reported on the test split.
 
-    def evaluate(mod, hv, yv):
-        return mod.evaluate(hv, yv)
-
-    best = _fit_label_critic(mod, h, labels, evaluate, batch_size=batch_size, val_fraction=val_fraction,
-                             max_epochs=max_epochs, patience=patience, lr=lr, min_delta=min_delta, seed=seed)
-    return best.float()
+    Returns:
+        float32 ``[m]`` test bounds; ``(estimate, low, high)``, three such tensors, with
+        ``return_ci``; ``return_module`` appends the module.
+    """
+    kw = dict(locals())
+    est, ci_parts, mod = _fit_label(
+        "estimate_unit_label_mi",
+        lambda m, c: UnitLabelMINE(m, c, hidden=hidden, estimator=estimator, standardize=False),
+        h, labels, kw)
+    return _with_extras(est.float(), tuple(v.float() for v in ci_parts), mod, kw)

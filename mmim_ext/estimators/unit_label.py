@@ -14,10 +14,42 @@ from mmim_ext.estimators.bounds import BOUNDS, LogEMA, mine_loss, nwj_bound, sta
 from mmim_ext.estimators.sharding import Shard
 from mmim_ext.ops import label_critic_scores
 
-__all__ = ["UnitLabelMINE"]
+__all__ = ["LabelEstimator", "UnitLabelMINE"]
 
 
-class UnitLabelMINE(MIEstimator):
+class LabelEstimator(MIEstimator):
+    """What the label-MI modules share: argument checks and the preparation of ``(h, labels)``.
+
+    ``_quantity`` names what a subclass estimates, for the error raised without labels.
+    """
+
+    _quantity = "I(Y; h)"
+
+    def _init_label(self, owner, num_units, num_classes, hidden, estimator, ema, smile_clip, standardize):
+        check_positive_int(owner, "num_units", num_units)
+        check_positive_int(owner, "num_classes", num_classes, 2)
+        check_positive_int(owner, "hidden", hidden)
+        check_choice(owner, "estimator", estimator, BOUNDS)
+        if not 0.0 < float(ema) <= 1.0:
+            raise ValueError(f"{owner}: argument 'ema' must be in (0, 1], got {ema!r}")
+        self.num_units, self.num_classes = num_units, num_classes
+        self.estimator = estimator
+        self.smile_clip = float(smile_clip)
+        self.standardize = standardize
+
+    def _prepare(self, h, labels, owner):
+        """Checked ``h`` ``[B, num_units]`` in the parameters' dtype (standardized with batch
+        statistics if ``self.standardize``)."""
+        check_features(owner, "h", h, self.num_units)
+        check_finite(owner, "h", h)
+        if labels is None:
+            raise ValueError(f"{owner}: argument 'labels' is required ({self._quantity} needs the labels)")
+        check_labels(owner, labels, h.shape[0], self.num_classes)
+        h = h.to(next(self.parameters()).dtype)
+        return standardize(h) if self.standardize else h
+
+
+class UnitLabelMINE(LabelEstimator):
     """``I(Y; h_i)`` for every unit ``i`` of a layer at once (nats).
 
     Unit ``i`` has the critic ``T_i(y, a) = c_i + sum_k v_ik relu(e_iyk + w_ik a + b_ik)`` (an MLP
@@ -40,21 +72,14 @@ class UnitLabelMINE(MIEstimator):
     :mod:`mmim_ext.estimators.sharding`.
     """
 
+    _quantity = "I(Y; h_i)"
+
     def __init__(self, num_units: int, num_classes: int, hidden: int = 16, estimator: str = "mine",
                  ema: float = 0.01, smile_clip: float = 5.0, standardize: bool = True, *, process_group=None,
                  gather_batch: bool = True):
         super().__init__()
         owner = "UnitLabelMINE"
-        check_positive_int(owner, "num_units", num_units)
-        check_positive_int(owner, "num_classes", num_classes, 2)
-        check_positive_int(owner, "hidden", hidden)
-        check_choice(owner, "estimator", estimator, BOUNDS)
-        if not 0.0 < float(ema) <= 1.0:
-            raise ValueError(f"{owner}: argument 'ema' must be in (0, 1], got {ema!r}")
-        self.num_units, self.num_classes = num_units, num_classes
-        self.estimator = estimator
-        self.smile_clip = float(smile_clip)
-        self.standardize = standardize
+        self._init_label(owner, num_units, num_classes, hidden, estimator, ema, smile_clip, standardize)
         self.emb = nn.Parameter(torch.randn(num_units, num_classes, hidden))
         self.w = nn.Parameter(torch.randn(num_units, hidden))
         self.b = nn.Parameter(torch.randn(num_units, hidden))
@@ -80,15 +105,6 @@ class UnitLabelMINE(MIEstimator):
         scores = label_critic_scores(base, emb, v) + c.unsqueeze(-1)  # [B, m, C]
         joint = scores.gather(2, labels.view(-1, 1, 1).expand(-1, self.num_units, 1)).squeeze(2)
         return joint, scores
-
-    def _prepare(self, h, labels, owner):
-        check_features(owner, "h", h, self.num_units)
-        check_finite(owner, "h", h)
-        if labels is None:
-            raise ValueError(f"{owner}: argument 'labels' is required (I(Y; h_i) needs the labels)")
-        check_labels(owner, labels, h.shape[0], self.num_classes)
-        h = h.to(self.w.dtype)
-        return standardize(h) if self.standardize else h
 
     def _marginal(self, h, labels, scores, clip=math.inf):
         """``(lme [m], p [C])`` from the scores: the label marginal ``p(y)`` (the batch's class
@@ -153,6 +169,13 @@ class UnitLabelMINE(MIEstimator):
         if self.shard is not None and not self.shard.inside:
             return self.shard.run(self.evaluate, h, labels, out="gather", width=self.total_units)
         return self._frozen(h, labels, owner="UnitLabelMINE.evaluate")
+
+    @torch.no_grad()
+    def _class_scores(self, h, labels):
+        """Scores ``[B, m, C]`` of every unit's critic for every class (no gradient); for
+        :func:`mmim_ext.estimators.intervals.bootstrap_label_bound`. Not sharded."""
+        h = self._prepare(h, labels, "UnitLabelMINE.evaluate")
+        return self._scores(h, labels, detach=True)[1]
 
     @torch.no_grad()
     def _record(self, est):
