@@ -124,9 +124,18 @@ def bound_from_scores(estimator: str, joint, marg, *, ema=None, training=True, c
 
 
 class CriticMLP(nn.Sequential):
-    def __init__(self, dim_in: int, hidden: int, layers: int, out_bias: float = 0.0):
+    """ReLU MLP ``R^dim_in -> R`` (``layers`` hidden layers of width ``hidden``).
+
+    With ``squares=True`` the first layer sees ``[z, z * z]``: the square of every input
+    coordinate next to the coordinate. A ReLU network builds squares only piecewise, from many
+    units, yet dependence through a shared scale or variance (scale mixtures such as the
+    multivariate t, heteroscedastic noise) lives in quantities like ``|x|^2`` and ``|y|^2``,
+    which the first layer then forms exactly as linear combinations.
+    """
+
+    def __init__(self, dim_in: int, hidden: int, layers: int, out_bias: float = 0.0, squares: bool = False):
         mods: list[nn.Module] = []
-        d = dim_in
+        d = 2 * dim_in if squares else dim_in
         for _ in range(layers):
             mods += [nn.Linear(d, hidden), nn.ReLU()]
             d = hidden
@@ -135,4 +144,10 @@ class CriticMLP(nn.Sequential):
             last.bias.fill_(out_bias)  # 1 for NWJ (bound 0 at T = 1), else 0
         mods.append(last)
         super().__init__(*mods)
+        self.squares = bool(squares)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.squares:
+            z = torch.cat([z, z * z], -1)
+        return super().forward(z)
 

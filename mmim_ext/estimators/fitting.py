@@ -424,7 +424,8 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
 
 
 def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mine", negatives: str = "shuffle",
-                num_negatives: int = 4, marginals: str = "gaussianize", batch_size: int = 500, lr: float = 1e-3,
+                num_negatives: int = 4, squares: bool = True, marginals: str = "gaussianize",
+                batch_size: int = 500, lr: float = 1e-3,
                 max_epochs: int = 300, patience: int = 10, lr_decays: int = 2, min_delta: float = 1e-3,
                 val_fraction: float = 0.2, test_fraction: float = 0.2, val_negatives: int = 64,
                 return_ci: bool = False, ci: float = 0.95, num_bootstrap: int = 200, seed: int | None = 0,
@@ -433,7 +434,10 @@ def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mi
 
     Args:
         x: ``[N, dx]`` (or ``[N]``) samples; y: ``[N, dy]`` (or ``[N]``) samples.
-        hidden, layers, estimator, negatives, num_negatives: see :class:`mmim_ext.VectorMINE`.
+        hidden, layers, estimator, negatives, num_negatives, squares: see
+            :class:`mmim_ext.VectorMINE`; by default the critic also sees the squared
+            coordinates, which it needs where the dependence is in a shared scale
+            (``docs/estimators.md`` compares both on a 5+5 multivariate t).
         marginals, batch_size, lr, max_epochs, patience, lr_decays, min_delta, val_fraction,
             test_fraction, return_ci, ci, num_bootstrap, seed, progress: as in
             :func:`estimate_pairwise_mi`.
@@ -459,7 +463,7 @@ def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mi
     x_tr, x_va, x_te = _map_splits(marginals, x, splits)
     y_tr, y_va, y_te = _map_splits(marginals, y, splits)
     mod = VectorMINE(x.shape[1], y.shape[1], hidden=hidden, layers=layers, estimator=estimator,
-                     negatives=negatives, num_negatives=num_negatives, standardize=False)
+                     negatives=negatives, num_negatives=num_negatives, standardize=False, squares=squares)
 
     def evaluate():
         return torch.as_tensor(mod.evaluate(x_va, y_va, num_negatives=val_negatives)).reshape(1)

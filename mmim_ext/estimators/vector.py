@@ -20,11 +20,16 @@ class VectorMINE(MIEstimator):
     ``y`` ``[B, dy]`` float (1-D inputs are read as one column); estimates are 0-d tensors in
     nats. Negatives pair ``x`` with permuted ``y`` (derangements), drawn from the module's own
     generator (``seed``; see :mod:`mmim_ext.estimators.base`).
+
+    ``squares=True`` feeds the critic ``[x, y]`` and their squares
+    (:class:`~mmim_ext.estimators.bounds.CriticMLP`): it then forms ``|x|^2`` and ``|y|^2`` in its
+    first layer, which dependence through a shared scale needs.
     """
 
     def __init__(self, x_dim: int, y_dim: int, hidden: int = 64, layers: int = 2, estimator: str = "mine",
                  negatives: str = "shuffle", num_negatives: int = 1, ema: float = 0.01,
-                 smile_clip: float = 5.0, standardize: bool = True, *, seed: int | None = None):
+                 smile_clip: float = 5.0, standardize: bool = True, *, seed: int | None = None,
+                 squares: bool = False):
         super().__init__()
         owner = "VectorMINE"
         check_positive_int(owner, "x_dim", x_dim)
@@ -42,7 +47,7 @@ class VectorMINE(MIEstimator):
         self.num_negatives = num_negatives
         self.smile_clip = float(smile_clip)
         self.standardize = standardize
-        self.critic = CriticMLP(x_dim + y_dim, hidden, layers, 1.0 if estimator == "nwj" else 0.0)
+        self.critic = CriticMLP(x_dim + y_dim, hidden, layers, 1.0 if estimator == "nwj" else 0.0, squares=squares)
         self._ema = LogEMA(1, ema) if estimator == "mine" else None
         self._init_random(owner, seed)
 
