@@ -182,22 +182,26 @@ TARGETS = {"pairwise": "|err| <= max(0.02, 5%)", "conditional": "|err| <= max(0.
            "multivariate": "factor 1.5"}
 
 
-def run_case(name: str, n: int, seed: int):
-    """(estimate, low, high, seconds); low/high are None where the estimator has no intervals."""
+def run_case(name: str, n: int, seed: int, extra: dict | None = None):
+    """(estimate, low, high, seconds, cpu_seconds); low/high are None where the estimator has no
+    intervals. ``seconds`` is wall time, ``cpu_seconds`` this process's CPU time (the two agree
+    on one thread of an idle core; on a shared core the wall time includes waiting).
+    ``extra``: keyword arguments for the estimator of every case of its kind ("vec" cases:
+    ``estimate_mi``; the others ``estimate_pairwise_mi``), e.g. a former default."""
     kind, data = make_case(name, n, seed)
     fn = mmim_ext.estimate_mi if kind == "vec" else mmim_ext.estimate_pairwise_mi
     has_ci = "return_ci" in inspect.signature(fn).parameters
-    kw = {"seed": 0, **({"return_ci": True} if has_ci else {})}
-    t0 = time.perf_counter()
+    kw = {"seed": 0, **({"return_ci": True} if has_ci else {}), **(extra or {})}
+    t0, c0 = time.perf_counter(), time.process_time()
     if kind == "vec":
         out = fn(data[0].float(), data[1].float(), **kw)
     else:
         out = fn(data[0].float(), *(data[1:]), **kw)
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     vals = out if has_ci else (out, None, None)
     if kind != "vec":
         vals = tuple(None if v is None else v[0, 1] for v in vals)
-    return tuple(None if v is None else float(v) for v in vals) + (secs,)
+    return tuple(None if v is None else float(v) for v in vals) + (secs, cpu)
 
 
 def _git_commit():
@@ -234,7 +238,7 @@ def table(rows) -> str:
     for r in rows:
         by.setdefault((r["case"], r["n"]), []).append(r)
     lines = ["| case | truth | estimate (mean of seeds) | per seed | 95% intervals | covers | error | target | "
-             "within | seconds (median) |", "|" + "---|" * 10]
+             "within | seconds (median) | CPU seconds (median) |", "|" + "---|" * 11]
     for (case, n), rs in sorted(by.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
         rs = sorted(rs, key=lambda r: r["seed"])
         truth, group = rs[0]["truth"], rs[0]["group"]
@@ -246,9 +250,11 @@ def table(rows) -> str:
             ivs = ", ".join(f"[{r['low']:.3f}, {r['high']:.3f}]" for r in rs)
             cov = f"{sum(r['low'] <= truth <= r['high'] for r in rs)}/{len(rs)}"
         secs = sorted(r["seconds"] for r in rs)[len(rs) // 2]
+        cpus = [r["cpu_seconds"] for r in rs if "cpu_seconds" in r]
+        cpu = f"{sorted(cpus)[len(cpus) // 2]:.1f}" if len(cpus) == len(rs) else "-"
         ok = "yes" if within_target(group, est, truth) else "NO"
         lines.append(f"| {case} (n={n}, {len(rs)} seeds) | {truth:.3f} | {est:.3f} | {per} | {ivs} | {cov} | "
-                     f"{est - truth:+.3f} | {TARGETS[group]} | {ok} | {secs:.1f} |")
+                     f"{est - truth:+.3f} | {TARGETS[group]} | {ok} | {secs:.1f} | {cpu} |")
     return "\n".join(lines)
 
 
@@ -261,6 +267,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="results/estimator_accuracy.json", help="JSON file, appended to and resumed from")
     p.add_argument("--merge", nargs="+", default=None, help="only print the table of these JSON files together")
+    p.add_argument("--vec-kw", default="{}", help="JSON keyword arguments for estimate_mi (the multivariate cases), "
+                   "e.g. '{\"squares\": false}' for the former critic; recorded in every row")
     args = p.parse_args(argv)
     if args.merge:
         rows = [r for path in args.merge for r in _load(path)["rows"]]
@@ -274,6 +282,9 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown cases {unknown}; known: {[c[0] for c in CASES]} or groups {sorted(GROUPS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    vec_kw = json.loads(args.vec_kw)
+    if not isinstance(vec_kw, dict):
+        p.error(f"--vec-kw must be a JSON object, got {args.vec_kw!r}")
     state = _load(args.out)
     state["meta"].append({"command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
                           "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
@@ -287,12 +298,14 @@ def main(argv=None):
         for seed in seeds:
             if (name, seed, args.n) in done:
                 continue
-            est, low, high, secs = run_case(name, args.n, seed)
+            extra = vec_kw if group == "multivariate" else {}
+            est, low, high, secs, cpu = run_case(name, args.n, seed, extra)
             state["rows"].append({"case": name, "group": group, "seed": seed, "n": args.n, "truth": truth,
                                   "truth_method": how, "estimate": est, "low": low, "high": high,
-                                  "seconds": secs, "commit": state["meta"][-1]["commit"]})
+                                  "seconds": secs, "cpu_seconds": cpu, "commit": state["meta"][-1]["commit"],
+                                  "kwargs": extra})
             print(f"{name} seed {seed}: truth {truth:.4f} estimate {est:.4f} interval {low} {high} "
-                  f"{secs:.1f} s", flush=True)
+                  f"{secs:.1f} s wall, {cpu:.1f} s CPU", flush=True)
             if args.out:
                 with open(args.out + ".tmp", "w") as f:
                     json.dump(state, f, indent=1)
