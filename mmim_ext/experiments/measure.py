@@ -1,9 +1,10 @@
 """Did the penalty move what it targets? Information measured on held-out features.
 
 After training, every run's penultimate features on samples it never trained on (validation +
-test splits) are handed to the package's estimators, each trained from scratch on those
-features with early stopping on a held-out part of them (so the numbers are held-out lower
-bounds, comparable across methods because every run gets the same estimator and budget):
+test splits) are handed to the package's one-call estimators, each trained from scratch on a
+part of those features, stopped on a second part and evaluated on a third that played no part in
+any choice (so the numbers are held-out lower bounds without selection bias, comparable across
+methods because every run gets the same estimator and budget):
 
 * ``pairwise_mi_sum`` / ``pairwise_mi_mean``: ``Σ_{i<j} I(h_i; h_j)`` (the sum over the
   measured pairs scaled to all ``m(m-1)/2`` pairs) and the mean per pair;
