@@ -11,6 +11,11 @@ split over processes (each with its own ``--out``) are merged by ``--merge``:
     python benchmarks/estimator_accuracy.py --threads 1 --cases cond,vec --out results/acc_b.json
     python benchmarks/estimator_accuracy.py --merge results/acc_a.json results/acc_b.json
 
+``--vec-kw`` passes keyword arguments to ``estimate_mi`` in the multivariate cases (a former
+default, for a before/after comparison); every row records them:
+
+    python benchmarks/estimator_accuracy.py --threads 1 --cases multivariate --vec-kw '{"squares": false}' --out results/before.json
+
 Truths (nats), each case states its own in ``truth_method``:
 
 * Gaussian pair, correlation rho: ``-1/2 log(1 - rho^2)`` (exact).
