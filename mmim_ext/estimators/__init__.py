@@ -6,9 +6,12 @@ to train the critics (minimize ``loss`` with any optimizer), ``penalty(..., coef
 (estimates, value)`` through frozen critics, differentiable w.r.t. the features only,
 ``evaluate(...) -> tensor`` on held-out data, and ``forward`` (``critic_loss`` while the critics
 train, ``penalty`` otherwise). Callers say what they want; the module picks the kernel.
-The bound on a batch is a lower bound on the mutual information only in expectation and only for a well-trained critic; the one-call functions
-(:func:`estimate_mi`, :func:`estimate_pairwise_mi`, :func:`estimate_total_correlation`, module
-:mod:`mmim_ext.estimators.fitting`) handle training, validation and early stopping for data sets.
+The bound on a batch is a lower bound on the mutual information only in expectation and only
+for a well-trained critic; the one-call functions (:func:`estimate_mi`,
+:func:`estimate_pairwise_mi`, :func:`estimate_total_correlation`, module
+:mod:`mmim_ext.estimators.fitting`; :func:`estimate_label_mi`, :func:`estimate_unit_label_mi`,
+module :mod:`mmim_ext.estimators.label`) handle training, the stopping point on a validation
+split and the report on a test split for data sets.
 
 Modules
     :mod:`~mmim_ext.estimators.pairwise`           :class:`PairwiseMINE`, ``I(h_i; h_j)`` (or
