@@ -51,6 +51,7 @@ import time
 import torch
 
 import mmim_ext
+from resumable_json import load, run_meta, save
 
 RHO_VEC = 0.6
 
@@ -229,13 +230,6 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def _load(path):
-    if path and os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"meta": [], "rows": []}
-
-
 def table(rows) -> str:
     """Markdown table, one line per (case, n): mean over the data seeds present."""
     order = [c[0] for c in CASES]
@@ -276,7 +270,7 @@ def main(argv=None):
                    "e.g. '{\"squares\": false}' for the former critic; recorded in every row")
     args = p.parse_args(argv)
     if args.merge:
-        rows = [r for path in args.merge for r in _load(path)["rows"]]
+        rows = [r for path in args.merge for r in load(path)["rows"]]
         print(table(rows))
         return 0
     if args.threads:
@@ -290,15 +284,10 @@ def main(argv=None):
     vec_kw = json.loads(args.vec_kw)
     if not isinstance(vec_kw, dict):
         p.error(f"--vec-kw must be a JSON object, got {args.vec_kw!r}")
-    state = _load(args.out)
-    state["meta"].append({"command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-                          "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model(),
-                          "commit": _git_commit(), "package": os.path.dirname(mmim_ext.__file__),
-                          "load_average_start": os.getloadavg()})
+    state = load(args.out)
+    state["meta"].append({**run_meta(), "torch": torch.__version__, "cpu": _cpu_model(), "commit": _git_commit(),
+                          "package": os.path.dirname(mmim_ext.__file__)})
     done = {(r["case"], r["seed"], r["n"]) for r in state["rows"]}
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for name, group, truth, how in todo:
         for seed in seeds:
             if (name, seed, args.n) in done:
@@ -312,9 +301,7 @@ def main(argv=None):
             print(f"{name} seed {seed}: truth {truth:.4f} estimate {est:.4f} interval {low} {high} "
                   f"{secs:.1f} s wall, {cpu:.1f} s CPU", flush=True)
             if args.out:
-                with open(args.out + ".tmp", "w") as f:
-                    json.dump(state, f, indent=1)
-                os.replace(args.out + ".tmp", args.out)
+                save(state, args.out)
     print(table(state["rows"]))
     return 0
 

@@ -12,15 +12,14 @@ error. Results are appended to a JSON file as they come (resumable, mergeable wi
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 
 import torch
 
 import mmim_ext
+from resumable_json import load, run_meta, save
 
 RHOS = (0.25, 0.5, 0.75, 0.9)
 
@@ -30,13 +29,6 @@ def _seeds(text: str):
         a, b = text.split("-")
         return list(range(int(a), int(b) + 1))
     return [int(s) for s in text.split(",")]
-
-
-def _load(path):
-    if path and os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"meta": [], "rows": []}
 
 
 def table(rows, ci: float = 0.95) -> str:
@@ -69,16 +61,13 @@ def main(argv=None):
     p.add_argument("--merge", nargs="+", default=None, help="only print the table of these JSON files")
     args = p.parse_args(argv)
     if args.merge:
-        print(table([r for path in args.merge for r in _load(path)["rows"]]))
+        print(table([r for path in args.merge for r in load(path)["rows"]]))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    state = _load(args.out)
-    state["meta"].append({"command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-                          "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-                          "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()})
+    state = load(args.out)
+    state["meta"].append(run_meta())
     done = {(r["seed"], r["n"]) for r in state["rows"]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     pairs = torch.tensor([[2 * k, 2 * k + 1] for k in range(len(RHOS))])
     for seed in _seeds(args.seeds):
         if (seed, args.n) in done:
@@ -99,9 +88,7 @@ def main(argv=None):
         print(f"seed {seed}: " + ", ".join(f"{float(est[2 * k, 2 * k + 1]):.3f} [{float(low[2 * k, 2 * k + 1]):.3f}, "
                                            f"{float(high[2 * k, 2 * k + 1]):.3f}]" for k in range(len(RHOS)))
               + f" ({secs:.1f} s)", flush=True)
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(state, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        save(state, args.out)
     print(table(state["rows"]))
     return 0
 

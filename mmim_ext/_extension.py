@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-__all__ = ["extension_loaded", "has_kernel", "load_error"]
+__all__ = ["extension_loaded", "forbid_double_backward", "has_kernel", "load_error"]
 
 _loaded = False
 _error: str | None = None
@@ -48,6 +48,24 @@ def extension_loaded() -> bool:
 def load_error() -> str | None:
     """Why the extension is not loaded (``None`` when it is)."""
     return _error
+
+
+def forbid_double_backward(bwd_op: str, public_name: str) -> None:
+    """Give the compiled backward op ``mmim_ext::<bwd_op>`` an autograd formula that raises: the
+    fused backward kernels have no derivative of their own, so a second derivative through them
+    (``create_graph=True``) stops with a NotImplementedError naming `public_name` and the
+    pure-PyTorch reference, which has one."""
+
+    def _raise(ctx, *grads):
+        raise NotImplementedError(
+            f"{public_name}: double backward (create_graph=True through the fused kernel) is not "
+            "supported; use backend='reference' for higher-order gradients"
+        )
+
+    def _no_context(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(f"mmim_ext::{bwd_op}", _raise, setup_context=_no_context)
 
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}

@@ -29,6 +29,40 @@ DEVICES = _devices()
 requires_fused = pytest.mark.skipif(not mmim_ext.fused_available("cpu"), reason="compiled extension not built")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, the previous count restored after it. For tests of tiny
+    problems (a few pairs, batches of a few hundred): a second thread only adds synchronization,
+    and on a busy 2-core CI machine OpenMP workers spin, which made such tests several times
+    slower. Modules of such tests take it for every test with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def assert_same(a, b, where="state"):
+    """`a` and `b` (tensors, or dicts, lists and tuples of them and of plain values) are the same:
+    same types, keys and lengths, tensors of the same dtype and shape, equal bit for bit (NaN where
+    NaN; -0.0 == 0.0). `where` names the object in the failure message."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a.isnan(), b.isnan()), where
+        assert torch.equal(a[~a.isnan()], b[~b.isnan()]), where  # infinities included
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def make_inputs(B, m, K, R, *, shared, dtype=torch.float64, device="cpu", pairs=None, scale=1.0,
                 seed=0, requires_grad=False):
     """Random pair_stats inputs; `scale` multiplies the critic's output weights (large logits)."""

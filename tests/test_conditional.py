@@ -18,13 +18,7 @@ from test_estimators import expected_pairwise, generator_copy
 
 TRUTH = -0.5 * math.log(1 - 0.64)  # 0.511 nats
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def opposite_correlations(n, seed, rho=0.8):

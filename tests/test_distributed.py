@@ -23,6 +23,8 @@ import mmim_ext
 from mmim_ext import MMIMRegularizer, PairwiseMINE, estimate_pairwise_mi
 from mmim_ext.estimators.sharding import load_sharded_state_dict, shard_range, sharded_state_dict
 
+from conftest import assert_same
+
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo not available")
 
@@ -469,22 +471,6 @@ def test_estimate_pairwise_mi_matches_single_process(runs):
         _close(runs[rank]["estimate/2"], want, f"rank {rank} estimate_pairwise_mi", **ESTIMATE_TOL)
 
 
-def _assert_same(a, b, where):
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def test_group_of_one_is_no_group(runs):
     got = runs[0]["single/1"]
     a, b = got["group"], got["none"]
@@ -493,7 +479,7 @@ def test_group_of_one_is_no_group(runs):
         assert torch.equal(ga, gb)
     assert set(a["state"]) == set(b["state"])
     for k in a["state"]:
-        _assert_same(a["state"][k], b["state"][k], k)  # random and optimizer states: bitwise too
+        assert_same(a["state"][k], b["state"][k], k)  # random and optimizer states: bitwise too
     assert torch.equal(a["matrix"], b["matrix"])
 
 

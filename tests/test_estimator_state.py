@@ -20,13 +20,9 @@ import torch
 import mmim_ext
 from mmim_ext.estimators import critic_adam
 
+from conftest import assert_same
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _snapshot(obj):
@@ -38,24 +34,6 @@ def _snapshot(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_snapshot(v) for v in obj)
     return obj
-
-
-def _assert_same(a, b, where="state"):
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a.isnan(), b.isnan()), where
-        assert torch.equal(a[~a.isnan()], b[~b.isnan()]), where  # bitwise, -inf included
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def _data(n=64, m=4, k=3, seed=0):
@@ -95,8 +73,8 @@ def test_bad_features_leave_every_state_unchanged(name, bad):
     for call in (mod.critic_loss, mod.penalty, mod.evaluate, mod):
         with pytest.raises(ValueError, match="argument 'h' contains NaN or infinite values"):
             call(broken, lab)
-    _assert_same(_snapshot(mod.state_dict()), before)
-    _assert_same(_snapshot(opt.state_dict()), opt_before)
+    assert_same(_snapshot(mod.state_dict()), before)
+    assert_same(_snapshot(opt.state_dict()), opt_before)
 
 
 def test_vector_mine_rejects_bad_inputs_by_name():
@@ -107,7 +85,7 @@ def test_vector_mine_rejects_bad_inputs_by_name():
         for call in (mod.critic_loss, mod.penalty, mod.evaluate):
             with pytest.raises(ValueError, match=f"argument '{name}' contains NaN"):
                 call(*args)
-    _assert_same(_snapshot(mod.state_dict()), before)
+    assert_same(_snapshot(mod.state_dict()), before)
 
 
 def test_regularizer_rejects_bad_features_before_any_update():
@@ -121,7 +99,7 @@ def test_regularizer_rejects_bad_features_before_any_update():
         broken[0, 0] = bad
         with pytest.raises(ValueError, match="argument 'features' contains NaN or infinite values"):
             reg(broken, y)
-    _assert_same(_snapshot(reg.state_dict()), before)
+    assert_same(_snapshot(reg.state_dict()), before)
 
 
 def _save_load(state):
@@ -166,7 +144,7 @@ def test_estimator_state_dict_resumes_bitwise(name):
     make, labelled = ESTIMATORS[name]
     straight = _estimator_run(make, labelled, 6)
     resumed = _estimator_run(make, labelled, 6, stop=3)
-    _assert_same(resumed, straight, "run")
+    assert_same(resumed, straight, "run")
     if name != "unit_label":  # (no negatives to draw: the label marginal is integrated exactly)
         forgot = _estimator_run(make, labelled, 6, stop=3, forget_random_state=True)
         assert not torch.equal(forgot[0][3][2], straight[0][3][2]), "the random state must matter"
@@ -203,7 +181,7 @@ def test_regularizer_state_dict_resumes_bitwise(max_pairs):
     # with max_pairs a random subset of 5 of the 15 pairs per call.
     straight = _regularizer_run(max_pairs, 6)
     resumed = _regularizer_run(max_pairs, 6, stop=3)
-    _assert_same(resumed, straight, "run")
+    assert_same(resumed, straight, "run")
     parts = [("_extra_state", "critic_optimizer"), ("c5_critic._extra_state", "generator")]
     if max_pairs is not None:
         parts.append(("_extra_state", "generator"))  # the pair subsets

@@ -17,15 +17,9 @@ from mmim_ext.estimators.bounds import LogEMA, mine_loss
 
 FUSED = mmim_ext.fused_available("cpu")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These problems are tiny (a few pairs, batches of 500): one intra-op thread is faster than
-    # two, and far faster when the CI machine is oversubscribed (OpenMP workers spin).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# These problems are tiny (a few pairs, batches of 500): one intra-op thread is faster than two,
+# and far faster when the CI machine is oversubscribed (OpenMP workers spin).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_pairs(rhos, n, seed):

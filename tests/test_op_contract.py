@@ -28,28 +28,15 @@ def _need_device(device):
         pytest.skip("mmim_ext was built without CUDA kernels")
 
 
-def _call(op, inputs, need=(True, True), gseed=0):
-    """Direct call of mmim_ext::pair_stats_<op> on `inputs` (make_inputs' 8 tensors)."""
+def _args_of(op, inputs, need=(True, True), gseed=0):
+    """``(op overload, arguments)`` of a direct call of mmim_ext::pair_stats_<op> on `inputs`
+    (make_inputs' 8 tensors), with upstream gradients drawn from `gseed`."""
     h, wa, wb, b, v, c, perms, pairs = inputs
     if op == "fwd":
-        return torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
+        return torch.ops.mmim_ext.pair_stats_fwd.default, (h, wa, wb, b, v, c, perms, pairs)
     P = c.numel() if c.dim() == 1 else (h.shape[1] * (h.shape[1] - 1) // 2 if pairs is None else pairs.shape[0])
     g = torch.Generator().manual_seed(gseed)
     gt, gl = (torch.randn(P, generator=g, dtype=torch.float64).to(h) for _ in range(2))
-    if op == "bwd":
-        _, lme = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
-        return torch.ops.mmim_ext.pair_stats_bwd(gt, gl, h, wa, wb, b, v, c, perms, pairs, lme, *need)
-    if op == "fwd_bwd":
-        return torch.ops.mmim_ext.pair_stats_fwd_bwd(gt, gl, h, wa, wb, b, v, c, perms, pairs, *need)
-    ema = torch.stack([torch.full((P,), 0.3), torch.zeros(P)], 1).to(h)
-    return torch.ops.mmim_ext.pair_stats_fwd_bwd_mine(gt, gl, ema, -2.3, h, wa, wb, b, v, c, perms, pairs, *need)
-
-
-def _args_of(op, inputs, need):
-    """The argument tuple of the call _call makes (for opcheck)."""
-    h, wa, wb, b, v, c, perms, pairs = inputs
-    P = c.numel() if c.dim() == 1 else (h.shape[1] * (h.shape[1] - 1) // 2 if pairs is None else pairs.shape[0])
-    gt, gl = torch.randn(P, dtype=torch.float64).to(h), torch.randn(P, dtype=torch.float64).to(h)
     if op == "bwd":
         _, lme = torch.ops.mmim_ext.pair_stats_fwd(h, wa, wb, b, v, c, perms, pairs)
         return torch.ops.mmim_ext.pair_stats_bwd.default, (gt, gl, h, wa, wb, b, v, c, perms, pairs, lme, *need)
@@ -58,6 +45,11 @@ def _args_of(op, inputs, need):
     ema = torch.stack([torch.full((P,), 0.3), torch.zeros(P)], 1).to(h)
     return (torch.ops.mmim_ext.pair_stats_fwd_bwd_mine.default,
             (gt, gl, ema, -2.3, h, wa, wb, b, v, c, perms, pairs, *need))
+
+
+def _call(op, inputs, need=(True, True)):
+    fn, args = _args_of(op, inputs, need)
+    return fn(*args)
 
 
 # (m, shared, pairs): a shared critic, one critic per pair with P = 1 (all pairs of m = 2, and one
@@ -87,35 +79,31 @@ def test_outputs_have_their_own_storage(op, m, shared, pairs, dtype, device):
         torch.library.opcheck(fn, args, test_utils=("test_schema", "test_faketensor"))
 
 
+# kind: (input, index, value, the error it must raise); B = 8 samples, m = 5 units, explicit pairs
+# for the pairs kinds. REPEAT: row 1 of perms takes its neighbour's value (in range, but twice).
+REPEAT = object()
+BAD_VALUES = {
+    "perms_repeat": ("perms", (1, 0), REPEAT, r"row 1 of 'perms' is not a permutation of 0\.\.7"),
+    "perms_too_big": ("perms", (2, 5), 8, r"row 2 of 'perms' is not a permutation"),
+    "perms_negative": ("perms", (0, 3), -1, r"row 0 of 'perms' is not a permutation"),
+    "pairs_too_big": ("pairs", (1, 0), 5, r"'pairs' holds unit index 5, expected all in \[0, 4\]"),
+    "pairs_negative": ("pairs", (2, 1), -3, r"'pairs' holds unit index -3, expected all in \[0, 4\]"),
+    "h_nan": ("h", (3, 2), float("nan"), "'h' contains NaN or infinite values"),
+    "h_inf": ("h", (0, 4), -float("inf"), "'h' contains NaN or infinite values"),
+}
+
+
 def _bad_inputs(kind, device):
-    B, m = 8, 5
-    pairs = torch.tensor([[0, 4], [2, 1], [3, 3]]) if kind.startswith("pairs") else None
-    h, wa, wb, b, v, c, perms, pairs = make_inputs(B, m, 3, 3, shared=False, pairs=pairs, device=device, seed=4)
-    if kind == "perms_repeat":  # in range, but row 1 takes one value twice
-        perms[1, 0] = perms[1, 1]
-        return (h, wa, wb, b, v, c, perms, pairs), r"row 1 of 'perms' is not a permutation of 0\.\.7"
-    if kind == "perms_too_big":
-        perms[2, 5] = B
-        return (h, wa, wb, b, v, c, perms, pairs), r"row 2 of 'perms' is not a permutation"
-    if kind == "perms_negative":
-        perms[0, 3] = -1
-        return (h, wa, wb, b, v, c, perms, pairs), r"row 0 of 'perms' is not a permutation"
-    if kind == "pairs_too_big":
-        pairs[1, 0] = m
-        return (h, wa, wb, b, v, c, perms, pairs), r"'pairs' holds unit index 5, expected all in \[0, 4\]"
-    if kind == "pairs_negative":
-        pairs[2, 1] = -3
-        return (h, wa, wb, b, v, c, perms, pairs), r"'pairs' holds unit index -3, expected all in \[0, 4\]"
-    if kind == "h_nan":
-        h[3, 2] = float("nan")
-    else:
-        h[0, 4] = -float("inf")
-    return (h, wa, wb, b, v, c, perms, pairs), "'h' contains NaN or infinite values"
+    name, index, value, match = BAD_VALUES[kind]
+    pairs = torch.tensor([[0, 4], [2, 1], [3, 3]]) if name == "pairs" else None
+    inputs = make_inputs(8, 5, 3, 3, shared=False, pairs=pairs, device=device, seed=4)
+    t = inputs[("h", "wa", "wb", "b", "v", "c", "perms", "pairs").index(name)]
+    t[index] = t[index[0], index[1] + 1] if value is REPEAT else value
+    return inputs, match
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["perms_repeat", "perms_too_big", "perms_negative", "pairs_too_big",
-                                  "pairs_negative", "h_nan", "h_inf"])
+@pytest.mark.parametrize("kind", list(BAD_VALUES))
 @pytest.mark.parametrize("op", ("fwd",) + OPS)
 def test_direct_calls_validate_values(op, kind, device):
     _need_device(device)

@@ -78,6 +78,20 @@ def _outputs(kind, inputs, dtype, backend, gt, gl, rule=None, log_a=-2.0):
     return [x.detach() for x in (t, l, *torch.autograd.grad(loss, diff))]
 
 
+def _fused_and_reference(inputs, seed):
+    """``(kind, dtype, fused outputs, float64 reference outputs)`` for every kind of _outputs and
+    both dtypes, with the upstream gradients and MINE rule drawn from `seed`."""
+    h, pairs = inputs[0], inputs[7]
+    P = h.shape[1] * (h.shape[1] - 1) // 2 if pairs is None else pairs.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    gt, gl = torch.randn(P, generator=g, dtype=torch.float64), torch.randn(P, generator=g, dtype=torch.float64)
+    rule = _mine_rule(P, g)
+    for kind in ("stats", "linear", "mine"):
+        ref = _outputs(kind, inputs, torch.float64, "reference", gt, gl, rule)
+        for dtype in (torch.float64, torch.float32):
+            yield kind, dtype, _outputs(kind, inputs, dtype, "fused", gt, gl, rule), ref
+
+
 # ---------------------------------------------------------------------------------------------
 # Diagonal (i, i), repeated and reversed (i > j) pairs against the float64 reference, with R = 1
 # (where the kernel's unit loops hold the joint sample's two argument rows at once) and R = 2.
@@ -85,20 +99,13 @@ def _outputs(kind, inputs, dtype, backend, gt, gl, rule=None, log_a=-2.0):
 
 def check_diagonal_pairs():
     pairs = torch.tensor([[0, 0], [2, 2], [1, 2], [2, 1], [1, 2], [0, 0], [3, 0], [1, 1]])
-    P = pairs.shape[0]
     count = 0
     for B, R in ((16, 1), (21, 1), (32, 1), (13, 2)):
         for shared in (False, True):
             inputs = make_inputs(B, 4, 5, R, shared=shared, pairs=pairs, seed=B + R)
-            g = torch.Generator().manual_seed(B)
-            gt, gl = torch.randn(P, generator=g, dtype=torch.float64), torch.randn(P, generator=g, dtype=torch.float64)
-            rule = _mine_rule(P, g)
-            for kind in ("stats", "linear", "mine"):
-                ref = _outputs(kind, inputs, torch.float64, "reference", gt, gl, rule)
-                for dtype in (torch.float64, torch.float32):
-                    got = _outputs(kind, inputs, dtype, "fused", gt, gl, rule)
-                    _close(got, ref, dtype, f"{kind} B={B} R={R} shared={shared} {dtype}")
-                    count += 1
+            for kind, dtype, got, ref in _fused_and_reference(inputs, seed=B):
+                _close(got, ref, dtype, f"{kind} B={B} R={R} shared={shared} {dtype}")
+                count += 1
     return count
 
 
@@ -138,7 +145,6 @@ def _expected_nan(shared, got, bad_pair, bad_units):
 
 def check_non_finite_critics():
     m, bad_pair, bad_units = 4, 2, (0, 3)  # all pairs: pair 2 is (0, 3)
-    P = m * (m - 1) // 2
     count = 0
     cases = [(x, R) for x in (float("nan"),) for R in (1, 2)] + [(float("inf"), 1), (-float("inf"), 2)]
     for nonfinite, R in cases:
@@ -152,27 +158,21 @@ def check_non_finite_critics():
                     idx = (1,) if shared else (bad_pair, 1)
                 x[idx] = nonfinite
                 inputs[NAMES.index(name)] = x
-                g = torch.Generator().manual_seed(3)
-                gt, gl = torch.randn(P, generator=g, dtype=torch.float64), torch.randn(P, generator=g, dtype=torch.float64)
-                rule = _mine_rule(P, g)
-                for kind in ("stats", "linear", "mine"):
-                    ref = _outputs(kind, inputs, torch.float64, "reference", gt, gl, rule)
-                    for dtype in (torch.float64, torch.float32):
-                        got = _outputs(kind, inputs, dtype, "fused", gt, gl, rule)
-                        what = f"{nonfinite} in {name} shared={shared} R={R} {kind} {dtype}"
-                        for q in (0, 1):
-                            assert torch.equal(got[q].isfinite(), ref[q].isfinite()), (what, q, got[q], ref[q])
-                            assert torch.equal(got[q].isnan(), ref[q].isnan()) or nonfinite == nonfinite, (what, q)
-                        for q, (x, y, e) in enumerate(zip(got[2:], ref[2:], _expected_nan(shared, got, bad_pair, bad_units))):
-                            assert torch.equal(x.isnan(), e), (what, NAMES[q], x)
-                            assert not (~y.isfinite() & ~e).any(), (what, NAMES[q], y)
-                        for q, (x, y) in enumerate(zip(got, ref)):
-                            keep = x.isfinite() & y.isfinite()
-                            assert torch.equal(keep, x.isfinite()), (what, q, x, y)
-                            s = max(1.0, y[keep].abs().max().item()) if keep.any() else 1.0
-                            torch.testing.assert_close(x[keep].double() / s, y[keep] / s, **TOL[dtype],
-                                                       msg=lambda msg: f"{what} output {q}: {msg}")
-                        count += 1
+                for kind, dtype, got, ref in _fused_and_reference(inputs, seed=3):
+                    what = f"{nonfinite} in {name} shared={shared} R={R} {kind} {dtype}"
+                    for q in (0, 1):
+                        assert torch.equal(got[q].isfinite(), ref[q].isfinite()), (what, q, got[q], ref[q])
+                        assert torch.equal(got[q].isnan(), ref[q].isnan()) or nonfinite == nonfinite, (what, q)
+                    for q, (x, y, e) in enumerate(zip(got[2:], ref[2:], _expected_nan(shared, got, bad_pair, bad_units))):
+                        assert torch.equal(x.isnan(), e), (what, NAMES[q], x)
+                        assert not (~y.isfinite() & ~e).any(), (what, NAMES[q], y)
+                    for q, (x, y) in enumerate(zip(got, ref)):
+                        keep = x.isfinite() & y.isfinite()
+                        assert torch.equal(keep, x.isfinite()), (what, q, x, y)
+                        s = max(1.0, y[keep].abs().max().item()) if keep.any() else 1.0
+                        torch.testing.assert_close(x[keep].double() / s, y[keep] / s, **TOL[dtype],
+                                                   msg=lambda msg: f"{what} output {q}: {msg}")
+                    count += 1
     return count
 
 

@@ -208,18 +208,9 @@ def _digits():
     return torch.tensor(X, dtype=torch.float32) / 16.0, torch.tensor(y)
 
 
-@pytest.fixture
-def one_thread():
-    # Every tensor here is tiny ([100, 64] batches, 66 pairs), so a second intra-op thread only
-    # adds synchronization; on a busy 2-core machine (CI compiling CUDA at the same time) that
-    # made this test take 155 s with 2 threads against 14 s with one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_c4_lowers_pairwise_mi_of_the_penultimate_layer(one_thread):
+    # one_thread: every tensor here is tiny ([100, 64] batches, 66 pairs); on a busy 2-core machine
+    # (CI compiling CUDA at the same time) this test took 155 s with 2 threads against 14 s with one.
     # Same seed, data order and budget with and without C4 (lambda = 0.3, sklearn digits, a
     # 12-unit tanh penultimate layer); the summed pairwise MI is measured on held-out samples by
     # an independent estimator. Seen over seeds 0-4 (sum over the 66 pairs, nats, measured on all

@@ -103,6 +103,24 @@ def format_tuning(tuning: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _log_x_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The finish of a panel over a log-scaled x axis (λ, measured MI): labels, legend, grid."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+
+
+def _save(plt, fig, path: str, *, left: float = 0.1, bottom: float = 0.12) -> str:
+    """Write one row of per-architecture panels to ``path`` (PNG, 90 dpi), close it, return ``path``."""
+    fig.subplots_adjust(left=left, right=0.98, bottom=bottom, top=0.9, wspace=0.25)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_results(results: dict, records: list[dict], out_dir: str) -> list[str]:
     """``paired_diffs.png`` (Δ vs baseline per method with 95% CIs, seeds as dots),
     ``tuning.png`` (validation accuracy vs λ per method) and ``acc_vs_redundancy.png``
@@ -131,10 +149,8 @@ def plot_results(results: dict, records: list[dict], out_dir: str) -> list[str]:
         ax.set_ylabel("test acc. − baseline (points)")
         ax.set_title(f"{results['dataset']} / {arch}: paired Δ, 95% CI (dots = seeds)")
         ax.grid(axis="y", alpha=0.3)
-    fig.subplots_adjust(left=0.11, right=0.98, bottom=0.22, top=0.9, wspace=0.25)
-    paths.append(os.path.join(out_dir, "paired_diffs.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    # wider bottom margin: the methods' names stand rotated under the axis
+    paths.append(_save(plt, fig, os.path.join(out_dir, "paired_diffs.png"), left=0.11, bottom=0.22))
 
     tuning = results.get("tuning")
     if tuning:
@@ -147,16 +163,9 @@ def plot_results(results: dict, records: list[dict], out_dir: str) -> list[str]:
             b = next((c["baseline_val_acc_mean"] for c in tuning["curves"] if c["arch"] == arch), None)
             if b is not None:
                 ax.axhline(b, color="k", ls="--", lw=1, label="baseline")
-            ax.set_xscale("log")
-            ax.set_xlabel("λ")
-            ax.set_ylabel("validation accuracy (%)")
-            ax.set_title(f"{arch}: λ search (mean ± std over seeds {tuning['seeds']})")
-            ax.legend(fontsize=7, ncol=2)
-            ax.grid(alpha=0.3)
-        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.9, wspace=0.25)
-        paths.append(os.path.join(out_dir, "tuning.png"))
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+            _log_x_panel(ax, "λ", "validation accuracy (%)",
+                         f"{arch}: λ search (mean ± std over seeds {tuning['seeds']})")
+        paths.append(_save(plt, fig, os.path.join(out_dir, "tuning.png")))
 
     with_mi = [r for r in records if "mi" in r]
     if with_mi:
@@ -167,16 +176,9 @@ def plot_results(results: dict, records: list[dict], out_dir: str) -> list[str]:
                 if rs:
                     ax.scatter([r["mi"]["pairwise_mi_sum"] for r in rs], [r["acc_test"] for r in rs], s=14,
                                label=m, color="k" if m == "baseline" else f"C{k % 10}", marker="x" if "c3" in m or m == "mmim" else "o")
-            ax.set_xscale("log")
-            ax.set_xlabel("held-out Σ_{i<j} I(h_i;h_j) (nats, estimated)")
-            ax.set_ylabel("test accuracy (%)")
-            ax.set_title(f"{results['dataset']} / {arch}: accuracy vs measured redundancy (one dot per run)")
-            ax.legend(fontsize=7, ncol=2)
-            ax.grid(alpha=0.3)
-        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.9, wspace=0.25)
-        paths.append(os.path.join(out_dir, "acc_vs_redundancy.png"))
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+            _log_x_panel(ax, "held-out Σ_{i<j} I(h_i;h_j) (nats, estimated)", "test accuracy (%)",
+                         f"{results['dataset']} / {arch}: accuracy vs measured redundancy (one dot per run)")
+        paths.append(_save(plt, fig, os.path.join(out_dir, "acc_vs_redundancy.png")))
     return paths
 
 

@@ -388,17 +388,6 @@ def _backward(ctx, grad_t, grad_lme):
     )
 
 
-def _double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "mmim_ext.pair_stats: double backward (create_graph=True through the fused kernel) is not "
-        "supported; use backend='reference' for higher-order gradients"
-    )
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    pass
-
-
 def _fake_fwd(h, wa, wb, b, v, c, perms, pairs):
     P = num_pairs(h.shape[1]) if pairs is None else pairs.shape[0]
     return h.new_empty(P), h.new_empty(P)
@@ -426,4 +415,4 @@ if _extension.extension_loaded():
                            need_params=True):
         return _fake_fwd_bwd(grad_t, grad_lme, h, wa, wb, b, v, c, perms, pairs, need_h, need_params)
     torch.library.register_autograd("mmim_ext::pair_stats_fwd", _backward, setup_context=_setup_context)
-    torch.library.register_autograd("mmim_ext::pair_stats_bwd", _double_backward, setup_context=_bwd_setup_context)
+    _extension.forbid_double_backward("pair_stats_bwd", "mmim_ext.pair_stats")

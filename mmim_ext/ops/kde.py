@@ -155,17 +155,6 @@ def _backward(ctx, grad_out):
     return gx, gy, None
 
 
-def _double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "mmim_ext.kde_lse: double backward (create_graph=True through the fused kernel) is not "
-        "supported; use backend='reference' for higher-order gradients"
-    )
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    pass
-
-
 def _fake_fwd(x, y, scale):
     torch._check(x.dim() == 2 and y.dim() == 2, lambda: "kde_lse: x and y must be 2-D")
     torch._check(x.shape[1] == y.shape[1], lambda: "kde_lse: x and y must have the same number of columns")
@@ -187,7 +176,7 @@ def _register() -> bool:
     torch.library.register_fake("mmim_ext::kde_lse")(_fake_fwd)
     torch.library.register_fake("mmim_ext::kde_lse_bwd")(_fake_bwd)
     torch.library.register_autograd("mmim_ext::kde_lse", _backward, setup_context=_setup_context)
-    torch.library.register_autograd("mmim_ext::kde_lse_bwd", _double_backward, setup_context=_bwd_setup_context)
+    _extension.forbid_double_backward("kde_lse_bwd", "mmim_ext.kde_lse")
     return True
 
 
