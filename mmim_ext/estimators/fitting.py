@@ -39,6 +39,8 @@ from mmim_ext.estimators.total_correlation import TotalCorrelationMINE
 from mmim_ext.estimators.vector import VectorMINE
 
 __all__ = ["estimate_mi", "estimate_pairwise_mi", "estimate_total_correlation"]
+# prepare_units, train_select, boot_generator and with_extras are also the protocol of the label
+# estimators (mmim_ext.estimators.label); they are not part of the package's public API.
 
 # Learning-rate factor when the validation bound stalls, before training resumes from the best
 # critic: a smaller step refines a critic that the noise of minibatch Adam keeps from settling.
@@ -133,9 +135,9 @@ class _BestCritic:
             p.copy_(s)
 
 
-def _train_select(mod, train_inputs, evaluate: Callable[[], torch.Tensor], size: int, gen: torch.Generator,
-                  kw: dict, desc: str, min_steps: int = 20, element_dim: int = 0,
-                  agree: Callable[[bool], bool] | None = None) -> torch.Tensor:
+def train_select(mod, train_inputs, evaluate: Callable[[], torch.Tensor], size: int, gen: torch.Generator,
+                 kw: dict, desc: str, min_steps: int = 20, element_dim: int = 0,
+                 agree: Callable[[bool], bool] | None = None) -> torch.Tensor:
     """Adam on ``mod``'s own loss over minibatches of ``train_inputs`` (tensors indexed by
     sample, or ``None``); after every epoch ``evaluate()`` ``[size]`` on the validation split.
 
@@ -202,7 +204,7 @@ def _seeded_generator(seed):
     return gen
 
 
-def _prepare_units(owner: str, h, labels, kw: dict, min_units: int = 2):
+def prepare_units(owner: str, h, labels, kw: dict, min_units: int = 2):
     """Checks for the estimators over the units of one matrix ``h`` [N, m] (``m >= min_units``),
     seeding, the split and the marginal map: ((h_tr, h_va, h_te), (y_tr, y_va, y_te), generator)."""
     h = _as_2d("h", owner, h)
@@ -221,11 +223,14 @@ def _prepare_units(owner: str, h, labels, kw: dict, min_units: int = 2):
     return hs, ys, gen
 
 
-def _boot_generator(seed):
+def boot_generator(seed):
+    """The bootstrap's generator: its own stream, derived from the call's ``seed``."""
     return torch.Generator().manual_seed(0 if seed is None else seed + 1)
 
 
-def _with_extras(result, ci_parts, mod, kw):
+def with_extras(result, ci_parts, mod, kw):
+    """What a one-call estimator returns: ``result``, then ``ci_parts`` (low, high) with
+    ``return_ci``, then the module with ``return_module``."""
     out = (result, *ci_parts) if kw["return_ci"] else result
     if kw["return_module"]:
         return (*out, mod) if kw["return_ci"] else (out, mod)
@@ -280,7 +285,7 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 48, estima
                          f"draws the same split, minibatches and negatives from it), got {seed!r}")
     check_choice(owner, "negatives", negatives, NEGATIVES)
     check_positive_int(owner, "val_negatives", val_negatives)
-    (h_tr, h_va, h_te), (y_tr, y_va, y_te), gen = _prepare_units(owner, h, labels, kw)
+    (h_tr, h_va, h_te), (y_tr, y_va, y_te), gen = prepare_units(owner, h, labels, kw)
     m = h_tr.shape[1]
     # Label-aware critics for the conditional MI: its optimal critic depends on the class.
     cond = {} if labels is None else {"num_classes": max(2, int(torch.as_tensor(labels).max()) + 1)}
@@ -299,8 +304,8 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 48, estima
         val = evaluate(h_va, y_va)  # every pair's bound, on every rank
         return val if shard is None else val[shard.lo:shard.hi]
 
-    _train_select(mod, (h_tr, y_tr), validate, mod.num_pairs, gen, kw, owner,
-                  element_dim=1 if cond else 0, agree=None if shard is None else shard.any)
+    train_select(mod, (h_tr, y_tr), validate, mod.num_pairs, gen, kw, owner,
+                 element_dim=1 if cond else 0, agree=None if shard is None else shard.any)
     ci_parts = ()
     if not return_ci:
         evaluate(h_te, y_te)
@@ -310,7 +315,7 @@ def estimate_pairwise_mi(h, labels=None, *, pairs=None, hidden: int = 48, estima
         if shard is not None:  # this rank's block of pairs -> every pair, on every rank
             low, high = shard.gather(low), shard.gather(high)
         ci_parts = (_symmetric(mod, low), _symmetric(mod, high))
-    return _with_extras(mod.matrix().float(), ci_parts, mod, kw)
+    return with_extras(mod.matrix().float(), ci_parts, mod, kw)
 
 
 def _symmetric(mod, values) -> torch.Tensor:
@@ -352,7 +357,7 @@ def _pairwise_ci(mod, h, labels, kw):
         groups = labels
     P = mod.num_pairs
     chunk = max(1, (1 << 22) // index.shape[0])
-    gen = _boot_generator(kw["seed"])
+    gen = boot_generator(kw["seed"])
     parts = []
     for s in range(0, P, chunk):
         pair_index = torch.arange(s, min(P, s + chunk))
@@ -391,7 +396,7 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
     owner = "estimate_total_correlation"
     kw = dict(locals())
     check_positive_int(owner, "val_draws", val_draws)
-    (h_tr, h_va, h_te), (y_tr, y_va, y_te), gen = _prepare_units(owner, h, labels, kw)
+    (h_tr, h_va, h_te), (y_tr, y_va, y_te), gen = prepare_units(owner, h, labels, kw)
     m = h_tr.shape[1]
     # a conditional critic sees the label: the optimal one depends on the class
     cond = {} if labels is None else {"num_classes": max(2, int(torch.as_tensor(labels).max()) + 1)}
@@ -401,9 +406,9 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
     def evaluate():
         return torch.as_tensor(mod.evaluate(h_va, y_va, num_draws=val_draws)).reshape(1)
 
-    _train_select(mod, (h_tr, y_tr), evaluate, 1, gen, kw, owner)
+    train_select(mod, (h_tr, y_tr), evaluate, 1, gen, kw, owner)
     if not return_ci:
-        return _with_extras(float(mod.evaluate(h_te, y_te, num_draws=val_draws)), (), mod, kw)
+        return with_extras(float(mod.evaluate(h_te, y_te, num_draws=val_draws)), (), mod, kw)
     with torch.no_grad():
         N = h_te.shape[0]
         # the draws TotalCorrelationMINE.evaluate makes with its default seed: every column
@@ -419,8 +424,8 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
         joint = mod.critic(joint_in).reshape(N, 1)
         marg = mod.critic(marg_in).reshape(-1, 1)
     est, low, high = bootstrap_bound(estimator, joint, marg, index, num_bootstrap=num_bootstrap, ci=ci,
-                                     smile_clip=mod.smile_clip, generator=_boot_generator(seed))
-    return _with_extras(float(est[0]), (float(low[0]), float(high[0])), mod, kw)
+                                     smile_clip=mod.smile_clip, generator=boot_generator(seed))
+    return with_extras(float(est[0]), (float(low[0]), float(high[0])), mod, kw)
 
 
 def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mine", negatives: str = "shuffle",
@@ -468,9 +473,9 @@ def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mi
     def evaluate():
         return torch.as_tensor(mod.evaluate(x_va, y_va, num_negatives=val_negatives)).reshape(1)
 
-    _train_select(mod, (x_tr, y_tr), evaluate, 1, gen, kw, owner)
+    train_select(mod, (x_tr, y_tr), evaluate, 1, gen, kw, owner)
     if not return_ci:
-        return _with_extras(float(mod.evaluate(x_te, y_te, num_negatives=val_negatives)), (), mod, kw)
+        return with_extras(float(mod.evaluate(x_te, y_te, num_negatives=val_negatives)), (), mod, kw)
     with torch.no_grad():
         n = x_te.shape[0]
         # the negatives VectorMINE.evaluate draws (its default seed), so the estimate is the same
@@ -478,8 +483,8 @@ def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mi
         joint, marg = _vector_scores(mod, x_te, y_te, perms)
     index = torch.stack([torch.arange(n).repeat(perms.shape[0]), perms.reshape(-1)], 1)
     est, low, high = bootstrap_bound(estimator, joint, marg, index, num_bootstrap=num_bootstrap, ci=ci,
-                                     smile_clip=mod.smile_clip, generator=_boot_generator(seed))
-    return _with_extras(float(est[0]), (float(low[0]), float(high[0])), mod, kw)
+                                     smile_clip=mod.smile_clip, generator=boot_generator(seed))
+    return with_extras(float(est[0]), (float(low[0]), float(high[0])), mod, kw)
 
 
 def _vector_scores(mod, x, y, perms):

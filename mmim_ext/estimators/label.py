@@ -22,7 +22,7 @@ from torch import nn
 from mmim_ext._checks import check_positive_int
 from mmim_ext.estimators.base import check_coef
 from mmim_ext.estimators.bounds import LogEMA, mine_loss, nwj_bound
-from mmim_ext.estimators.fitting import _boot_generator, _prepare_units, _train_select, _with_extras
+from mmim_ext.estimators.fitting import boot_generator, prepare_units, train_select, with_extras
 from mmim_ext.estimators.intervals import bootstrap_label_bound
 from mmim_ext.estimators.unit_label import LabelEstimator, UnitLabelMINE
 
@@ -125,7 +125,7 @@ def _fit_label(owner, make, h, labels, kw):
     ``make(num_units, num_classes)``: ``(test bounds [E] float64, (low, high) or (), module)``."""
     if labels is None:
         raise ValueError(f"{owner}: argument 'labels' is required")
-    (h_tr, h_va, h_te), (y_tr, y_va, y_te), gen = _prepare_units(owner, h, labels, kw, min_units=1)
+    (h_tr, h_va, h_te), (y_tr, y_va, y_te), gen = prepare_units(owner, h, labels, kw, min_units=1)
     num_classes = int(torch.as_tensor(labels).max()) + 1
     if num_classes < 2:
         raise ValueError(f"{owner}: argument 'labels' must hold at least two classes")
@@ -139,12 +139,12 @@ def _fit_label(owner, make, h, labels, kw):
 
     # A unit's critic is independent of the others': stopping point per unit (parameters are
     # stacked along dim 0); the one critic of LabelMINE as a whole.
-    _train_select(mod, (h_tr, y_tr), validate, size, gen, kw, owner)
+    train_select(mod, (h_tr, y_tr), validate, size, gen, kw, owner)
     if not kw["return_ci"]:
         return mod.evaluate(h_te, y_te).double().reshape(-1), (), mod
     est, low, high = bootstrap_label_bound(mod.estimator, mod._class_scores(h_te, y_te), y_te,
                                            num_bootstrap=kw["num_bootstrap"], ci=kw["ci"],
-                                           smile_clip=mod.smile_clip, generator=_boot_generator(kw["seed"]))
+                                           smile_clip=mod.smile_clip, generator=boot_generator(kw["seed"]))
     return est, (low, high), mod
 
 
@@ -176,7 +176,7 @@ def estimate_label_mi(h, labels, *, hidden: int = 64, layers: int = 2, estimator
         "estimate_label_mi",
         lambda m, c: LabelMINE(m, c, hidden=hidden, layers=layers, estimator=estimator, standardize=False),
         h, labels, kw)
-    return _with_extras(float(est[0]), tuple(float(v[0]) for v in ci_parts), mod, kw)
+    return with_extras(float(est[0]), tuple(float(v[0]) for v in ci_parts), mod, kw)
 
 
 def estimate_unit_label_mi(h, labels, *, hidden: int = 16, estimator: str = "mine", marginals: str = "gaussianize",
@@ -198,4 +198,4 @@ def estimate_unit_label_mi(h, labels, *, hidden: int = 16, estimator: str = "min
         "estimate_unit_label_mi",
         lambda m, c: UnitLabelMINE(m, c, hidden=hidden, estimator=estimator, standardize=False),
         h, labels, kw)
-    return _with_extras(est.float(), tuple(v.float() for v in ci_parts), mod, kw)
+    return with_extras(est.float(), tuple(v.float() for v in ci_parts), mod, kw)
