@@ -101,6 +101,8 @@ def _random_derangements(lab: torch.Tensor, rows: int, generator) -> torch.Tenso
     in one or two rounds of a few tensor ops instead of a dozen.
     """
     batch = lab.shape[0]
+    if batch >= 2 and bool((lab == lab[0]).all()):
+        return _random_derangements_one_class(batch, rows, generator)
     perms = torch.arange(batch).repeat(rows, 1)
     counts = torch.bincount(lab)
     order = lab.argsort(stable=True)
@@ -134,6 +136,27 @@ def _random_derangements(lab: torch.Tensor, rows: int, generator) -> torch.Tenso
         mask = valid[grp]
         perms[row[mask], src[mask]] = dst[mask]
         pending_row, pending_grp = pending_row[~accepted], pending_grp[~accepted]
+    return perms
+
+
+def _random_derangements_one_class(batch: int, rows: int, generator) -> torch.Tensor:
+    """:func:`_random_derangements` where every sample has the same label (the calls without
+    labels, and each class's call of the conditional estimators): the same draws, sorts and
+    choices, without the per-class bookkeeping (one block per row, no padding, members
+    ``0..B-1``), which cost more than the sorting at the batch sizes of a training step."""
+    perms = torch.arange(batch).repeat(rows, 1)
+    slot = torch.arange(batch)
+    pending = torch.arange(rows)
+    while pending.numel() > 0:
+        n = pending.numel()
+        candidates = max(2, min(16, (1 << 14) // (n * batch)))
+        keys = torch.rand(candidates, n, batch, generator=generator, dtype=torch.float64)
+        sigma = keys.argsort(dim=2)
+        good = ~(sigma == slot).any(2)  # [T, n]
+        accepted = good.any(0)
+        first = good.to(torch.int8).argmax(0)
+        perms[pending[accepted]] = sigma[first, torch.arange(n)][accepted]
+        pending = pending[~accepted]
     return perms
 
 

@@ -211,23 +211,30 @@ class PairwiseMINE(MIEstimator):
             groups.append((y, h.index_select(0, rows), n / total, perms))
         return groups
 
-    def _class_params(self, detach=False):
-        """The critic parameters by class: ``[(wa, wb, b, v, c)]`` indexed by class (one
-        ``unbind`` per call, so that the backward stacks the classes' gradients once), or the
-        parameters themselves (a one-element list) for the unconditional estimator."""
+    def _class_params(self, detach=False, index=None):
+        """The critic parameters of the pairs ``index`` (``None``: all) by class:
+        ``[(wa, wb, b, v, c)]`` indexed by class (one ``unbind`` per call, so that the backward
+        stacks the classes' gradients once), or the parameters themselves (a one-element list)
+        for the unconditional estimator.
+
+        The pairs are gathered by ``index_select`` once for every class before the ``unbind``
+        (one gather per parameter instead of one advanced-indexing gather per class and
+        parameter, each of whose backwards scattered into a full ``[P, K]`` zero tensor); the
+        indices are distinct, so the values and gradients are the same."""
         ps = (self.wa, self.wb, self.b, self.v, self.c)
         if detach:
             ps = tuple(p.detach() for p in ps)
+        if index is not None and self.per_pair:
+            dim = 0 if self.num_classes is None else 1
+            ps = tuple(p.index_select(dim, index) for p in ps)
         if self.num_classes is None:
             return [ps]
         return list(zip(*(p.unbind(0) for p in ps)))
 
-    def _params(self, ps, index, dtype):
-        """One class's (or the unconditional) parameters in the op's form for the pairs ``index``."""
+    def _params(self, ps, dtype):
+        """One class's (or the unconditional) parameters from :meth:`_class_params` in the op's form."""
         if not self.per_pair:
             return tuple(p[0].to(dtype) for p in ps)  # [K] and [] for the op's shared-critic form
-        if index is not None:
-            ps = tuple(p[index] for p in ps)
         return tuple(p.to(dtype) for p in ps)
 
     def _ema_index(self, cls, pair_index):
@@ -239,8 +246,8 @@ class PairwiseMINE(MIEstimator):
         """Raw ``(t_joint, lme)`` of the critics (of class ``cls`` for a conditional module) on
         already-prepared features (see ``pair_stats``)."""
         pairs = self.pairs if pair_index is None else self.pairs[pair_index]
-        ps = self._class_params(detach)[0 if cls is None else cls]
-        return pair_stats(h, *self._params(ps, pair_index, h.dtype), perms, pairs, backend=self.backend)
+        ps = self._class_params(detach, pair_index)[0 if cls is None else cls]
+        return pair_stats(h, *self._params(ps, h.dtype), perms, pairs, backend=self.backend)
 
     # -- entry points -----------------------------------------------------------------------------
 
@@ -261,10 +268,10 @@ class PairwiseMINE(MIEstimator):
             return self.shard.run(self.critic_loss, h, labels, pair_index, out="local", width=self.num_units)
         owner = "PairwiseMINE.critic_loss"
         h, pairs = self._prepare(h, labels, pair_index, owner)
-        params = self._class_params()
+        params = self._class_params(index=pair_index)
         est, loss = 0.0, 0.0
         for cls, hg, w, perms in self._groups(h, labels, owner):
-            ps = self._params(params[0 if cls is None else cls], pair_index, h.dtype)
+            ps = self._params(params[0 if cls is None else cls], h.dtype)
             if self.estimator == "mine" and one_pass_applies(hg, perms, self.backend):
                 e, l = self._one_pass_loss(hg, perms, pairs, pair_index, ps, w, cls)
             else:
@@ -328,10 +335,10 @@ class PairwiseMINE(MIEstimator):
             est = self._frozen(h, labels, pair_index, owner=owner)
             return est.detach(), coef * est.sum()
         h, pairs = self._prepare(h, labels, pair_index, owner)
-        params = self._class_params(detach=True)
+        params = self._class_params(detach=True, index=pair_index)
         est, value = 0.0, 0.0
         for cls, hg, w, perms in self._groups(h, labels, owner):
-            ps = self._params(params[0 if cls is None else cls], pair_index, h.dtype)
+            ps = self._params(params[0 if cls is None else cls], h.dtype)
             ct = torch.full((pairs.shape[0],), coef * w, dtype=h.dtype, device=h.device)
             val, t_joint, lme = pair_stats_linear(hg, *ps, perms, ct, -ct, pairs, backend=self.backend)
             est, value = est + w * (t_joint - lme), value + val
@@ -343,10 +350,10 @@ class PairwiseMINE(MIEstimator):
         if self.shard is not None and not self.shard.inside:
             return self.shard.run(self._frozen, h, labels, pair_index, out="local", width=self.num_units, owner=owner)
         h, pairs = self._prepare(h, labels, pair_index, owner)
-        params = self._class_params(detach=True)
+        params = self._class_params(detach=True, index=pair_index)
         est = 0.0
         for cls, hg, w, perms in self._groups(h, labels, owner):
-            ps = self._params(params[0 if cls is None else cls], pair_index, h.dtype)
+            ps = self._params(params[0 if cls is None else cls], h.dtype)
             if self.estimator == "smile":
                 t_joint, lme = self._smile_stats(hg, perms, pairs, ps)
             else:
@@ -379,7 +386,7 @@ class PairwiseMINE(MIEstimator):
         params = self._class_params()
         est = 0.0
         for cls, hg, w, perms in self._groups(h, labels, owner, negatives, num_negatives, gen):
-            ps = self._params(params[0 if cls is None else cls], None, h.dtype)
+            ps = self._params(params[0 if cls is None else cls], h.dtype)
             R, B = perms.shape
             step = max(1, max_evals // max(1, self.num_pairs * B))
             t_joint, parts = None, []

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from mmim_ext.experiments.data import Splits
 from mmim_ext.experiments.models import build_model
@@ -127,17 +127,58 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+class _Batches(Dataset):
+    """``(x[idx], y[idx])`` for a list of indices ``idx``: one gather per mini-batch instead of
+    ``B`` per-sample ``__getitem__`` calls and a collate (which cost as much as the MLP's step)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, idx):
+        return self.x[idx], self.y[idx]
+
+
 def _train_loader(x, y, batch_size: int, seed: int) -> DataLoader:
     # A dedicated generator: the batch order depends on the seed only, not on how much of the
     # global RNG a method's critics consumed, so every method sees the same order.
     gen = torch.Generator().manual_seed(int(seed))
     bs = min(batch_size, len(y))
+    # The sampler and generator of DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True,
+    # generator=gen, drop_last=True), so the generator is consumed as there (a draw per epoch
+    # for the loader's base seed, then the permutations) and the batches are the same samples
+    # in the same order; only the per-sample fetch and collate are gone.
     # drop_last: a trailing batch of one sample has no pairs to shuffle for MINE.
-    return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True, generator=gen, drop_last=True)
+    data = _Batches(x, y)
+    sampler = BatchSampler(RandomSampler(data, generator=gen), bs, drop_last=True)
+    return DataLoader(data, sampler=sampler, batch_size=None, generator=gen)
 
 
-def _eval_loader(x, y) -> DataLoader:
-    return DataLoader(TensorDataset(x, y), batch_size=1024, shuffle=False)
+class _EvalBatches:
+    """Fixed ``(inputs, labels)`` batches of 1,024 samples, made once (a DataLoader re-collated
+    them sample by sample at every epoch's evaluation), each cloned so that it is a fresh
+    allocation as a collated batch was.
+
+    Every pass draws one number from PyTorch's global generator, as a DataLoader's iterator does
+    for its base seed: the C3 stage's weight samples (and critics built without a seed) read that
+    stream after the evaluations, so a run gives the same numbers as with the DataLoader.
+    """
+
+    def __init__(self, x, y):
+        self.batches = [(x[i:i + 1024].clone(), y[i:i + 1024].clone()) for i in range(0, len(y), 1024)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        torch.empty((), dtype=torch.int64).random_()
+        return iter(self.batches)
+
+
+def _eval_loader(x, y) -> _EvalBatches:
+    return _EvalBatches(x, y)
 
 
 def clean_history(history, stage: int) -> list[dict]:
