@@ -20,7 +20,7 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
   std::vector<const T*> src(nsrc);
   std::vector<T*> dst(nsrc);
   for (int64_t s = 0; s < nsrc; ++s) dst[s] = sc + s * kChunkSamples;
-  detail::FirstLayerCache<T> first_layer(g, end);
+  detail::FormCache<T> forms(g, end);
   using detail::ScoreForm;
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
@@ -28,8 +28,7 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
     const T* bias = g.bias + p * g.pstride;
     const T* v = g.v + p * g.pstride;
     const T* a = g.hT + i * g.Bp;
-    const T* U = first_layer.rows(i);
-    const ScoreForm<T>* form = first_layer.form(p);
+    const ScoreForm<T>* form = forms.form(p);
     src[0] = g.hT + j * g.Bp;
     for (int64_t r = 0; r < g.R; ++r) src[1 + r] = g.hP + (r * g.m + j) * g.Bp;
     T jsum = T(0);
@@ -37,8 +36,7 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
     for (int64_t n0 = 0; n0 < g.B; n0 += kChunkSamples) {
       const int64_t n1 = std::min(n0 + kChunkSamples, g.Bp);
       const int64_t valid = std::min(n1, g.B) - n0;
-      detail::source_scores<T, true>(a, U, g.Bp, src.data(), dst.data(), nsrc, n0, n1, wa, wb, bias, v, g.K,
-                                     form);
+      detail::source_scores<T>(a, src.data(), dst.data(), nsrc, n0, n1, wa, wb, bias, v, g.K, form);
       jsum += detail::range_sum(dst[0], valid);
       for (int64_t r = 0; r < g.R; ++r) st = math::lse_merge(st, detail::range_lse<T>(dst[1 + r], valid));
     }
