@@ -1,13 +1,9 @@
 // CPU loops of pair_stats, part 4 of 4: the backward and the one pass (statistics and gradients
 // together) over a range of pairs: each hidden unit's pass over the samples (unit_pass and the
 // loops built on it) and the per-pair driver backward_pairs. Part of pair_stats_cpu_impl.h.
-#ifndef MMIM_CPU_CAPABILITY
-#error "include cpu/pair_stats_cpu_impl.h, which defines the build's namespace, instead"
+#ifndef MMIM_CPU_IMPL_PARTS
+#error "include cpu/pair_stats_cpu_impl.h, which includes this file inside the build's namespace"
 #endif
-
-namespace mmim_ext {
-namespace cpu {
-namespace MMIM_CPU_CAPABILITY {
 
 namespace detail {
 
@@ -519,7 +515,3 @@ MMIM_FLATTEN void forward_backward_range(const PairStatsCpuArgs<T>& g, int64_t b
                                          T* gwb, T* gbias, T* gv, T* t_joint, T* lme) {
   detail::backward_pairs_wanted<T>(g, begin, end, grad_t, grad_lme, nullptr, s, gwa, gwb, gbias, gv, t_joint, lme);
 }
-
-}  // namespace MMIM_CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace mmim_ext

@@ -1,13 +1,8 @@
 // CPU loops of pair_stats, part 3 of 4: the forward (t_joint, lme) over a range of pairs. Part of
 // pair_stats_cpu_impl.h.
-
-#ifndef MMIM_CPU_CAPABILITY
-#error "include cpu/pair_stats_cpu_impl.h, which defines the build's namespace, instead"
+#ifndef MMIM_CPU_IMPL_PARTS
+#error "include cpu/pair_stats_cpu_impl.h, which includes this file inside the build's namespace"
 #endif
-
-namespace mmim_ext {
-namespace cpu {
-namespace MMIM_CPU_CAPABILITY {
 
 // Forward for pairs [begin, end): t_joint[p], lme[p]. Scratch sc: [1+R][kChunkSamples], one
 // chunk of scores per source (small enough to stay in L1/L2).
@@ -45,7 +40,3 @@ MMIM_FLATTEN void forward_range(const PairStatsCpuArgs<T>& g, int64_t begin, int
     lme[p] = cp + math::lse_finish_mean(st, count);
   });
 }
-
-}  // namespace MMIM_CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace mmim_ext

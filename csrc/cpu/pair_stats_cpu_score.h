@@ -1,13 +1,9 @@
 // CPU loops of pair_stats, part 2 of 4: the critic's scores over tiles of samples, directly
 // (u = wa a + bias, x = wb b + u) or in the threshold form (ScoreForm), and the cache of the
 // critics' forms. Part of pair_stats_cpu_impl.h.
-#ifndef MMIM_CPU_CAPABILITY
-#error "include cpu/pair_stats_cpu_impl.h, which defines the build's namespace, instead"
+#ifndef MMIM_CPU_IMPL_PARTS
+#error "include cpu/pair_stats_cpu_impl.h, which includes this file inside the build's namespace"
 #endif
-
-namespace mmim_ext {
-namespace cpu {
-namespace MMIM_CPU_CAPABILITY {
 
 namespace detail {
 
@@ -274,7 +270,3 @@ struct FormCache {
 };
 
 }  // namespace detail
-
-}  // namespace MMIM_CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace mmim_ext
