@@ -270,7 +270,7 @@ def test_mine_rule_equals_the_linear_one_pass_with_the_ratio(B, R, dtype, shared
     # exp(lme[p] - logaddexp(ema[p, 0], log_a + lme[p]) + ema[p, 1]), the ratio formed from the
     # lme the pass computes; the expected values come from the CPU ops (on CUDA the op runs the
     # forward and backward kernels with the ratio applied between them). B=32, R=1 in float32:
-    # the CPU pass's own unit loop for the critic's gradients (units_backward_r1_form).
+    # the CPU pass's own unit loop for all gradients (units_backward_r1_form).
     inputs = make_inputs(B, 4, 3, R, shared=shared, dtype=dtype, seed=5)
     h, wa, wb, b, v, c, perms, pairs = inputs
     P = 6

@@ -252,15 +252,14 @@ __attribute__((noinline)) void units_backward_r1(int64_t Bp, const T* a, const T
   if (q < K) one_unit(order[q].k);
 }
 
-// The unit loop of backward_pairs for its commonest case with the critic's gradients (with kH the
-// argument gradients too, else the critic's alone: MINE's critic steps): R = 1, a critic with a
-// score form (every unit gates by threshold), the joint weight one value w0c. The same unit_pass
-// calls as unit_backward makes there (bitwise the same results), without its per-unit choices
-// (sources, weights, flags, gate from x): the sources' pointers are set once per pair and each
-// unit only picks [b > t] or [b < t] by the sign of wb. Each unit's sums go to accv ([3][K]
+// The unit loop of backward_pairs for its commonest case with all gradients (the critic's and the
+// arguments'): R = 1, a critic with a score form (every unit gates by threshold), the joint
+// weight one value w0c. The same unit_pass calls as unit_backward makes there (bitwise the same
+// results), without its per-unit choices (sources, weights, flags, gate from x): the sources'
+// pointers are set once per pair and each unit only picks [b > t] or [b < t] by the sign of wb. Each unit's sums go to accv ([3][K]
 // vectors, backward_pairs' layout). Not inlined, like units_backward_r1; here GCC also keeps the
 // joint weight in a register (7 loads per iteration, not 8).
-template <typename T, bool kH>
+template <typename T>
 __attribute__((noinline)) void units_backward_r1_form(int64_t Bp, const T* a, const T* b0, const T* b1, T w0c,
                                                      const T* w1, T* g0, T* g1, T* ga, const T* wa, const T* wb,
                                                      const T* v, const ScoreForm<T>& form, int64_t K, T* accv) {
@@ -272,11 +271,11 @@ __attribute__((noinline)) void units_backward_r1_form(int64_t Bp, const T* a, co
     const V ta(form.ta[k]), tb(form.tb[k]), wbk(wb[k]);
     const V cwa(math::critic_unit_dx(v[k], wa[k])), cwb(math::critic_unit_dx(v[k], wb[k]));
     if (wb[k] > T(0))
-      unit_pass<T, kH, true, true, true, true, true, kGateAbove>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr, w0v,
-                                                                 ta, wbk, tb, cwa, cwb, acc);
+      unit_pass<T, true, true, true, true, true, true, kGateAbove>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
+                                                                   w0v, ta, wbk, tb, cwa, cwb, acc);
     else
-      unit_pass<T, kH, true, true, true, true, true, kGateBelow>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr, w0v,
-                                                                 ta, wbk, tb, cwa, cwb, acc);
+      unit_pass<T, true, true, true, true, true, true, kGateBelow>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
+                                                                   w0v, ta, wbk, tb, cwa, cwb, acc);
     acc.ga.store(accv + k * L);
     acc.gb.store(accv + (K + k) * L);
     acc.g1.store(accv + (2 * K + k) * L);
@@ -404,10 +403,12 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
 
     T* const ga_row = kH ? s.gh + i * Bp : nullptr;
     // Two loops for the commonest cases of R = 1, each measured faster than the general loop
-    // below (unit_backward's per-unit choices of sources, weights and gate) by more than 5% of
-    // the call (docs/performance.md): with the argument gradients only (a penalty through frozen
-    // critics) the units two at a time (units_backward_r1); with the critic's gradients
-    // (units_backward_r1_form), which pick nothing per unit but the gate's direction.
+    // below (unit_backward's per-unit choices of sources, weights and gate) by 5% or more of the
+    // call (docs/performance.md): with the argument gradients only (a penalty through frozen
+    // critics) the units two at a time (units_backward_r1); with all gradients (the headline's
+    // one pass) units_backward_r1_form, which picks nothing per unit but the gate's direction.
+    // The critic's gradients alone (MINE's critic steps) gained under 5% from a loop of their
+    // own and take the general loop.
     bool units_done = false;
     if constexpr (kThresholdGates<T> && kH && !kP) {
       if (nsrc == 2) {
@@ -416,10 +417,10 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
         units_done = true;
       }
     }
-    if constexpr (kThresholdGates<T> && kP) {
+    if constexpr (kThresholdGates<T> && kH && kP) {
       if (nsrc == 2 && form != nullptr && wts[0] == nullptr) {
-        detail::units_backward_r1_form<T, kH>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0], gsrc[1], ga_row, wa, wb, v,
-                                              *form, K, accv.data());
+        detail::units_backward_r1_form<T>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0], gsrc[1], ga_row, wa, wb, v, *form,
+                                          K, accv.data());
         units_done = true;
       }
     }
