@@ -271,9 +271,9 @@ def test_lme_is_bounded_by_max_score():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("pairs", [None, "shuffled"])
 def test_shared_critic_equals_replicated_per_pair(dtype, pairs):
-    # A shared critic's first layer (wa a + bias) is computed once per first argument and reused
-    # by the pairs that share it; a per-pair critic computes it per pair. Same numbers: the
-    # forward and the gradient w.r.t. h bitwise, the critic's gradient as the sum over pairs.
+    # A shared critic is read from one row for every pair (its score form made once, its gradient
+    # summed over the pairs); per-pair critics from a row each. Same numbers: the forward and the
+    # gradient w.r.t. h bitwise, the critic's gradient as the sum over pairs.
     B, m, K, R = 40, 9, 6, 2
     g = torch.Generator().manual_seed(7)
     idx = None

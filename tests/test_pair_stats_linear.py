@@ -83,11 +83,11 @@ def test_gate_threshold_edge_weights(R, shared, dtype):
 @requires_fused
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("hscale", [1.0, 1e3])
-def test_joint_statistic_summed_unit_by_unit(shared, hscale):
-    # R = 1, float32, B a multiple of the tile: the CPU one pass does not score the joint samples
-    # one by one; its unit loop sums each unit's max(b, t) over them and t_joint is formed from
-    # those sums (pair_stats_cpu_backward.h, joint_in_units). h from a ReLU with zero biases gives
-    # exact ties b == t; a large h scale, large terms that cancel in the sum.
+def test_one_pass_statistics_with_ties_and_large_terms(shared, hscale):
+    # R = 1, float32, B a multiple of the tile: the CPU one pass scores in the threshold form and
+    # runs its own unit loop for this case (pair_stats_cpu_backward.h, units_backward_r1_form).
+    # h from a ReLU with zero biases gives exact ties b == t; a large h scale, large terms that
+    # cancel in the sums.
     h, wa, wb, b, v, c, perms, pairs = make_inputs(64, 7, 16, 1, shared=shared, dtype=torch.float32, seed=31)
     h = (h * hscale).relu()
     b = torch.where(torch.arange(16) % 2 == 0, torch.zeros_like(b), b)
@@ -270,7 +270,7 @@ def test_mine_rule_equals_the_linear_one_pass_with_the_ratio(B, R, dtype, shared
     # exp(lme[p] - logaddexp(ema[p, 0], log_a + lme[p]) + ema[p, 1]), the ratio formed from the
     # lme the pass computes; the expected values come from the CPU ops (on CUDA the op runs the
     # forward and backward kernels with the ratio applied between them). B=32, R=1 in float32:
-    # the CPU pass that sums the joint scores unit by unit (joint_in_units).
+    # the CPU pass's own unit loop for all gradients (units_backward_r1_form).
     inputs = make_inputs(B, 4, 3, R, shared=shared, dtype=dtype, seed=5)
     h, wa, wb, b, v, c, perms, pairs = inputs
     P = 6

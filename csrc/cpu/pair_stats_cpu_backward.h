@@ -1,13 +1,9 @@
 // CPU loops of pair_stats, part 4 of 4: the backward and the one pass (statistics and gradients
 // together) over a range of pairs: each hidden unit's pass over the samples (unit_pass and the
 // loops built on it) and the per-pair driver backward_pairs. Part of pair_stats_cpu_impl.h.
-#ifndef MMIM_CPU_CAPABILITY
-#error "include cpu/pair_stats_cpu_impl.h, which defines the build's namespace, instead"
+#ifndef MMIM_CPU_IMPL_PARTS
+#error "include cpu/pair_stats_cpu_impl.h, which includes this file inside the build's namespace"
 #endif
-
-namespace mmim_ext {
-namespace cpu {
-namespace MMIM_CPU_CAPABILITY {
 
 namespace detail {
 
@@ -30,14 +26,13 @@ constexpr int kGateX = 0, kGateAbove = 1, kGateBelow = 2;
 // whether earlier / later passes exist that read or write dsum; kW0: the first source's weights
 // are the single value w0c (the joint samples when the batch has no padding), not the array w0;
 // kH / kP: whether the argument gradients (g0, g1, ga) / the sums for the critic's gradients
-// (acc) are wanted; kJ (gates by threshold only): also the sum over the samples of the first
-// source's max(b, t) into *accj. Compile-time flags keep the sample loop free of branches.
-template <typename T, bool kH, bool kP, bool kTwo, bool kFirst, bool kLast, bool kW0, int kGate, bool kJ = false>
+// (acc) are wanted. Compile-time flags keep the sample loop free of branches.
+template <typename T, bool kH, bool kP, bool kTwo, bool kFirst, bool kLast, bool kW0, int kGate>
 inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0, const T* __restrict b1,
                       const T* __restrict w0, const T* __restrict w1, T* __restrict g0, T* __restrict g1,
                       T* __restrict ga, T* __restrict dsum, const Vec<T>& w0c, const Vec<T>& wak,
                       const Vec<T>& wbk, const Vec<T>& bk, const Vec<T>& cwa, const Vec<T>& cwb,
-                      UnitGrad<T>& acc, Vec<T>* accj = nullptr) {
+                      UnitGrad<T>& acc) {
   using V = Vec<T>;
   constexpr int L = V::L;
   // The gate of sample n: kGate == kGateX, [x > 0] from x = wb b + u; else b compared with the
@@ -50,14 +45,11 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
   };
   // One accumulator per source for gate*b: a chain with two FMAs per iteration would bound the
   // loop by the FMA latency.
-  V acc_b0 = V::zero(), acc_b1 = V::zero(), acc_a = V::zero(), acc_1 = V::zero(), acc_j = V::zero();
+  V acc_b0 = V::zero(), acc_b1 = V::zero(), acc_a = V::zero(), acc_1 = V::zero();
   for (int64_t n = 0; n < Bp; n += L) {
     const V an = V::load_reg(a + n);
     const V u = math::critic_u(wak, an, bk);  // u, or the threshold t
     const V bn0 = V::load_reg(b0 + n);
-    // kJ (gates by threshold): the joint samples' max(b, t), whose sum over the samples is the
-    // unit's part of the joint scores' sum (ScoreForm; units_backward_r1_form).
-    if constexpr (kJ) acc_j += vmax_form(bn0, u);
     V w0n;
     if constexpr (kW0) w0n = w0c;
     else w0n = V::load(w0 + n);
@@ -93,7 +85,6 @@ inline void unit_pass(int64_t Bp, const T* __restrict a, const T* __restrict b0,
   acc.gb += acc_b0 + acc_b1;
   acc.ga += acc_a;
   acc.g1 += acc_1;
-  if constexpr (kJ) *accj = acc_j;
 }
 
 // The gate threshold of unit k (math::GateThreshold; sign 0: gate from x), in the builds with
@@ -261,17 +252,14 @@ __attribute__((noinline)) void units_backward_r1(int64_t Bp, const T* a, const T
   if (q < K) one_unit(order[q].k);
 }
 
-// The unit loop of backward_pairs for its commonest case with the critic's gradients (with kH the
-// argument gradients too, else the critic's alone: MINE's critic steps): R = 1, a critic with a
-// score form (every unit gates by threshold), the joint weight one value w0c. The same unit_pass
-// calls as unit_backward makes there (bitwise the same results), without its per-unit choices
-// (sources, weights, flags, gate from x): the sources' pointers are set once per pair and each
-// unit only picks [b > t] or [b < t] by the sign of wb. Each unit's sums go to accv ([3][K]
+// The unit loop of backward_pairs for its commonest case with all gradients (the critic's and the
+// arguments'): R = 1, a critic with a score form (every unit gates by threshold), the joint
+// weight one value w0c. The same unit_pass calls as unit_backward makes there (bitwise the same
+// results), without its per-unit choices (sources, weights, flags, gate from x): the sources'
+// pointers are set once per pair and each unit only picks [b > t] or [b < t] by the sign of wb. Each unit's sums go to accv ([3][K]
 // vectors, backward_pairs' layout). Not inlined, like units_backward_r1; here GCC also keeps the
-// joint weight in a register (7 loads per iteration, not 8). kJ (the one pass): each unit's sum
-// over the joint samples of max(b0, t) goes to a fourth row of accv ([4][K] vectors), from which
-// backward_pairs forms t_joint.
-template <typename T, bool kH, bool kJ = false>
+// joint weight in a register (7 loads per iteration, not 8).
+template <typename T>
 __attribute__((noinline)) void units_backward_r1_form(int64_t Bp, const T* a, const T* b0, const T* b1, T w0c,
                                                      const T* w1, T* g0, T* g1, T* ga, const T* wa, const T* wb,
                                                      const T* v, const ScoreForm<T>& form, int64_t K, T* accv) {
@@ -280,19 +268,17 @@ __attribute__((noinline)) void units_backward_r1_form(int64_t Bp, const T* a, co
   const V w0v(w0c);
   for (int64_t k = 0; k < K; ++k) {
     UnitGrad<T> acc{V::zero(), V::zero(), V::zero()};
-    V accj;
     const V ta(form.ta[k]), tb(form.tb[k]), wbk(wb[k]);
     const V cwa(math::critic_unit_dx(v[k], wa[k])), cwb(math::critic_unit_dx(v[k], wb[k]));
     if (wb[k] > T(0))
-      unit_pass<T, kH, true, true, true, true, true, kGateAbove, kJ>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
-                                                                     w0v, ta, wbk, tb, cwa, cwb, acc, &accj);
+      unit_pass<T, true, true, true, true, true, true, kGateAbove>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
+                                                                   w0v, ta, wbk, tb, cwa, cwb, acc);
     else
-      unit_pass<T, kH, true, true, true, true, true, kGateBelow, kJ>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
-                                                                     w0v, ta, wbk, tb, cwa, cwb, acc, &accj);
+      unit_pass<T, true, true, true, true, true, true, kGateBelow>(Bp, a, b0, b1, nullptr, w1, g0, g1, ga, nullptr,
+                                                                   w0v, ta, wbk, tb, cwa, cwb, acc);
     acc.ga.store(accv + k * L);
     acc.gb.store(accv + (K + k) * L);
     acc.g1.store(accv + (2 * K + k) * L);
-    if constexpr (kJ) accj.store(accv + (3 * K + k) * L);
   }
 }
 
@@ -317,23 +303,13 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     wts[1 + r] = s.wm + r * Bp;
     score_dst[1 + r] = s.wm + r * Bp;
   }
-  // Per pair: the per-unit sum vectors ([3][K] vectors: gate a, gate b, gate; with the one pass's
-  // joint scores summed in the unit loop (joint_in_units) a fourth row, the sums over the joint
-  // samples of max(b, t_k)) and their lane sums.
+  // Per pair: the per-unit sum vectors ([3][K] vectors: gate a, gate b, gate) and their lane sums.
   constexpr int L = detail::Vec<T>::L;
-  std::vector<T> accv(static_cast<size_t>(4 * K * L));
-  std::vector<T> sums(static_cast<size_t>(4 * K));
+  std::vector<T> accv(static_cast<size_t>(3 * K * L));
+  std::vector<T> sums(static_cast<size_t>(3 * K));
   std::vector<detail::UnitRule<T>> order(static_cast<size_t>(kH && !kP ? K : 0));  // units_backward_r1's scratch
   std::vector<T> wmax(values ? R : 0);  // the one pass: each source's largest shuffled score
-  // joint_in_units: the sums over the batch of the rows of hT (both arguments of a joint sample
-  // are rows of hT), each formed when a pair first needs it (NaN: not yet).
-  std::vector<T> row_sums(values ? static_cast<size_t>(g.m) : 0, std::numeric_limits<T>::quiet_NaN());
-  const auto row_sum = [&](int64_t r) {
-    T& sum = row_sums[r];
-    if (sum != sum) sum = detail::range_sum(g.hT + r * Bp, g.B);
-    return sum;
-  };
-  FirstLayerCache<T> first_layer(g, end);
+  FormCache<T> forms(g, end);
   const bool shared_finite = shared && critic_finite(g.wa, g.wb, g.bias, g.v, K, g.c[0]);
   for_each_pair(g.pairs, g.m, begin, end, [&](int64_t p, int64_t i, int64_t j) {
     const T* wa = g.wa + p * g.pstride;
@@ -342,7 +318,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     const T* v = g.v + p * g.pstride;
     const T cp = g.c[p * g.cstride];
     const T* a = g.hT + i * Bp;
-    const ScoreForm<T>* form = first_layer.form(p);
+    const ScoreForm<T>* form = forms.form(p);
     src[0] = g.hT + j * Bp;
     for (int64_t r = 0; r < R; ++r) src[1 + r] = g.hP + (r * g.m + j) * Bp;
     // A pair (i, i): the joint samples' second-argument gradient goes to gdiag, not to gh row i,
@@ -386,27 +362,13 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     if (g.B != Bp)
       for (int64_t n = 0; n < Bp; ++n) s.wj[n] = n < g.B ? gj : T(0);
     T gl = grad_lme[p] / static_cast<T>(R * g.B);
-    // The one pass in units_backward_r1_form's case (R = 1, a score form, one joint weight, the
-    // critic's gradients wanted): the joint scores are not formed sample by sample (their sum is
-    // all the statistic needs, and the joint weight does not depend on them). The score tile
-    // scores the shuffled samples alone, and the unit loop sums each unit's max(b, t_k) over the
-    // joint samples (unit_pass's kJ); t_joint is formed from those sums after it.
-    // r1_form: units_backward_r1_form's case (below); joint_in_units: that case in the one pass.
-    bool r1_form = false;
-    if constexpr (kThresholdGates<T> && kP) r1_form = finite && nsrc == 2 && form != nullptr && wts[0] == nullptr;
-    const bool joint_in_units = values && r1_form;
     {
       using V = detail::Vec<T>;
       if (values) {
         // The statistics as forward_range forms them, from scores of the whole batch at once. The
         // log-sum-exp keeps each shuffled sample's exp(T - max_r), so that its weight is one
         // multiply away (math::marginal_weight_scale) instead of a second exp.
-        if (joint_in_units)
-          detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data() + 1, score_dst.data() + 1, R, 0, Bp, wa,
-                                   wb, bias, v, K, form);
-        else
-          detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data(), score_dst.data(), nsrc, 0, Bp, wa, wb,
-                                   bias, v, K, form);
+        detail::source_scores<T>(a, src.data(), score_dst.data(), nsrc, 0, Bp, wa, wb, bias, v, K, form);
         math::LseState<T> st = math::lse_empty<T>();
         for (int64_t r = 0; r < R; ++r) {
           const math::LseState<T> sr = detail::range_lse<T, true>(score_dst[1 + r], g.B);
@@ -414,7 +376,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
           st = math::lse_merge(st, sr);
         }
         const T lme0 = math::lse_finish_mean(st, static_cast<T>(R * g.B));
-        if (!joint_in_units) t_out[p] = cp + detail::range_sum(s.dsum, g.B) / static_cast<T>(g.B);
+        t_out[p] = cp + detail::range_sum(s.dsum, g.B) / static_cast<T>(g.B);
         lme_out[p] = cp + lme0;
         if (g.ema != nullptr) {
           const T ratio = math::mine_ema_ratio(cp + lme0, g.ema[2 * p], g.ema[2 * p + 1], g.ema_log_a);
@@ -427,8 +389,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
           for (int64_t n = 0; n < Bp; n += V::L) (V::load(w + n) * scale).store(w + n);
         }
       } else {
-        detail::source_scores<T>(a, first_layer.rows(i), Bp, src.data() + 1, score_dst.data() + 1, R, 0, Bp, wa,
-                                 wb, bias, v, K, form);
+        detail::source_scores<T>(a, src.data() + 1, score_dst.data() + 1, R, 0, Bp, wa, wb, bias, v, K, form);
         const V lme0v(lme[p] - cp), glv(gl);
         for (int64_t r = 0; r < R; ++r) {
           T* w = s.wm + r * Bp;
@@ -441,9 +402,13 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     if (!finite) return poison();
 
     T* const ga_row = kH ? s.gh + i * Bp : nullptr;
-    // R = 1 with the argument gradients only (a penalty through frozen critics): the units two at a
-    // time (units_backward_r1). With the critic's gradients wanted as well, or only those, that did
-    // not gain, and the loop below stays.
+    // Two loops for the commonest cases of R = 1, each measured faster than the general loop
+    // below (unit_backward's per-unit choices of sources, weights and gate) by 5% or more of the
+    // call (docs/performance.md): with the argument gradients only (a penalty through frozen
+    // critics) the units two at a time (units_backward_r1); with all gradients (the headline's
+    // one pass) units_backward_r1_form, which picks nothing per unit but the gate's direction.
+    // The critic's gradients alone (MINE's critic steps) gained under 5% from a loop of their
+    // own and take the general loop.
     bool units_done = false;
     if constexpr (kThresholdGates<T> && kH && !kP) {
       if (nsrc == 2) {
@@ -452,17 +417,10 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
         units_done = true;
       }
     }
-    // The critic's gradients (and the arguments' with kH), R = 1, a score form and one joint
-    // weight: the unit loop without unit_backward's per-unit choices (units_backward_r1_form).
-    if constexpr (kThresholdGates<T> && kP) {
-      if (r1_form) {
-        const auto run = [&](auto joint) {
-          detail::units_backward_r1_form<T, kH, decltype(joint)::value>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0],
-                                                                        gsrc[1], ga_row, wa, wb, v, *form, K,
-                                                                        accv.data());
-        };
-        if (joint_in_units) run(std::true_type{});
-        else run(std::false_type{});
+    if constexpr (kThresholdGates<T> && kH && kP) {
+      if (nsrc == 2 && form != nullptr && wts[0] == nullptr) {
+        detail::units_backward_r1_form<T>(Bp, a, src[0], src[1], gj, wts[1], gsrc[0], gsrc[1], ga_row, wa, wb, v, *form,
+                                          K, accv.data());
         units_done = true;
       }
     }
@@ -481,16 +439,7 @@ inline void backward_pairs(const PairStatsCpuArgs<T>& g, int64_t begin, int64_t 
     if (diag)
       for (int64_t n = 0; n < Bp; ++n) ga_row[n] += s.gdiag[n];
     if constexpr (!kP) return;
-    detail::lane_sums(accv.data(), (joint_in_units ? 4 : 3) * K, sums.data());
-    if (joint_in_units) {
-      // sum over the joint samples of T - c = alpha a + gamma + beta b + sum_k cp_k max(b, t_k)
-      // (ScoreForm), the units' parts from the unit loop
-      const T* sj = sums.data() + 3 * K;
-      T units = T(0);
-      for (int64_t k = 0; k < K; ++k) units += form->cp[k] * sj[k];
-      const T jsum = form->alpha * row_sum(i) + form->gamma * static_cast<T>(g.B) + form->beta * row_sum(j) + units;
-      t_out[p] = cp + jsum / static_cast<T>(g.B);
-    }
+    detail::lane_sums(accv.data(), 3 * K, sums.data());
     // d/dwa = v sum(gate a), d/dwb = v sum(gate b), d/dbias = v sum(gate),
     // d/dv = sum(gate x) = wa sum(gate a) + wb sum(gate b) + bias sum(gate); units L at a time.
     const T* sa = sums.data();
@@ -567,7 +516,3 @@ MMIM_FLATTEN void forward_backward_range(const PairStatsCpuArgs<T>& g, int64_t b
                                          T* gwb, T* gbias, T* gv, T* t_joint, T* lme) {
   detail::backward_pairs_wanted<T>(g, begin, end, grad_t, grad_lme, nullptr, s, gwa, gwb, gbias, gv, t_joint, lme);
 }
-
-}  // namespace MMIM_CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace mmim_ext

@@ -25,8 +25,18 @@
 #define MMIM_FLATTEN __attribute__((flatten))
 #endif
 
-// The loops, by role (each file opens the build's namespace itself):
+// The loops, by role, inside the build's namespace: the parts neither open it nor include
+// anything themselves (what they use comes from pair_stats_cpu.h, which the including file has
+// included before its target pragma).
+#define MMIM_CPU_IMPL_PARTS 1
+namespace mmim_ext {
+namespace cpu {
+namespace MMIM_CPU_CAPABILITY {
 #include "cpu/pair_stats_cpu_vec.h"
 #include "cpu/pair_stats_cpu_score.h"
 #include "cpu/pair_stats_cpu_forward.h"
 #include "cpu/pair_stats_cpu_backward.h"
+}  // namespace MMIM_CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace mmim_ext
+#undef MMIM_CPU_IMPL_PARTS

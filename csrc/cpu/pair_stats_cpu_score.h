@@ -1,13 +1,9 @@
 // CPU loops of pair_stats, part 2 of 4: the critic's scores over tiles of samples, directly
-// (u = wa a + bias, x = wb b + u) or in the threshold form (ScoreForm), and the per-pair cache of
-// forms and a shared critic's first-layer rows. Part of pair_stats_cpu_impl.h.
-#ifndef MMIM_CPU_CAPABILITY
-#error "include cpu/pair_stats_cpu_impl.h, which defines the build's namespace, instead"
+// (u = wa a + bias, x = wb b + u) or in the threshold form (ScoreForm), and the cache of the
+// critics' forms. Part of pair_stats_cpu_impl.h.
+#ifndef MMIM_CPU_IMPL_PARTS
+#error "include cpu/pair_stats_cpu_impl.h, which includes this file inside the build's namespace"
 #endif
-
-namespace mmim_ext {
-namespace cpu {
-namespace MMIM_CPU_CAPABILITY {
 
 namespace detail {
 
@@ -123,58 +119,22 @@ inline Vec<T> vmax_form(Vec<T> x, Vec<T> y) {
   return vmax(x, y);
 }
 
-// u = wa_k a + bias_k for every hidden unit k and sample n of one first argument: U[k][n], rows
-// of Bp. A shared critic's u depends on the first argument alone, so the pairs that share it
-// (consecutive in the row-major order) load u instead of recomputing it: one FMA fewer of the
-// forward's five per unit, tile vector and pair of sources.
-template <typename T>
-inline void first_layer_rows(const T* a, const T* wa, const T* bias, int64_t K, int64_t Bp, T* U) {
-  using V = Vec<T>;
-  for (int64_t k = 0; k < K; ++k) {
-    const V wak(wa[k]), bk(bias[k]);
-    T* row = U + k * Bp;
-    for (int64_t n = 0; n < Bp; n += V::L) math::critic_u(wak, V::load(a + n), bk).store(row + n);
-  }
-}
-
-// The first-layer term of unit k for a tile's two vectors a0, a1 of first arguments: w1[k] a +
-// w0[k] (u = wa a + bias, or a threshold t = ta a + tb), or (kU) loaded from the rows U of
-// first_layer_rows (offset to the tile, row stride us), which hold the same values.
-template <typename T, bool kU>
-inline void tile_first_layer(const T* U, int64_t us, int64_t k, const T* w1, const T* w0, const Vec<T>& a0,
-                             const Vec<T>& a1, Vec<T>& x0, Vec<T>& x1) {
-  using V = Vec<T>;
-  if constexpr (kU) {
-    x0 = V::load(U + k * us);
-    x1 = V::load(U + k * us + V::L);
-  } else {
-    const V c1(w1[k]), c0(w0[k]);
-    x0 = math::critic_u(c1, a0, c0);
-    x1 = math::critic_u(c1, a1, c0);
-  }
-}
-
 // Scores (without c) of one tile of 2 vectors for up to two sources (b1 may be null), with
-// u = wa a + bias computed once for both, or (kU) loaded from the first_layer_rows U (offset to
-// the tile, row stride us; the same values).
-template <typename T, bool kU>
-inline void tile_scores2(const T* a, const T* U, int64_t us, const T* b0, const T* b1, const T* wa,
-                         const T* wb, const T* bias, const T* v, int64_t K, T* t0, T* t1) {
+// u = wa a + bias computed once for both.
+template <typename T>
+inline void tile_scores2(const T* a, const T* b0, const T* b1, const T* wa, const T* wb, const T* bias,
+                         const T* v, int64_t K, T* t0, T* t1) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  // the tile's u for unit k
-#define MMIM_TILE_U(k, u0, u1) \
-  V u0, u1;                    \
-  tile_first_layer<T, kU>(U, us, k, wa, bias, a0, a1, u0, u1);
-  const V a0 = kU ? V::zero() : V::load(a), a1 = kU ? V::zero() : V::load(a + L);
+  const V a0 = V::load(a), a1 = V::load(a + L);
+  const V b00 = V::load(b0), b01 = V::load(b0 + L);
   V s00 = V::zero(), s01 = V::zero();
   if (b1 != nullptr) {
-    V s10 = V::zero(), s11 = V::zero();
-    const V b00 = V::load(b0), b01 = V::load(b0 + L);
     const V b10 = V::load(b1), b11 = V::load(b1 + L);
+    V s10 = V::zero(), s11 = V::zero();
     for (int64_t k = 0; k < K; ++k) {
-      const V wbk(wb[k]), vk(v[k]);
-      MMIM_TILE_U(k, u0, u1)
+      const V wak(wa[k]), wbk(wb[k]), bk(bias[k]), vk(v[k]);
+      const V u0 = math::critic_u(wak, a0, bk), u1 = math::critic_u(wak, a1, bk);
       s00 += math::critic_unit(vk, math::critic_x(wbk, b00, u0));
       s01 += math::critic_unit(vk, math::critic_x(wbk, b01, u1));
       s10 += math::critic_unit(vk, math::critic_x(wbk, b10, u0));
@@ -183,48 +143,22 @@ inline void tile_scores2(const T* a, const T* U, int64_t us, const T* b0, const 
     s10.store(t1);
     s11.store(t1 + L);
   } else {
-    // One source: hidden units two at a time into separate sums, so that four accumulation
-    // chains (not two) hide the FMA latency.
-    const V b00 = V::load(b0), b01 = V::load(b0 + L);
-    V e00 = V::zero(), e01 = V::zero();
-    int64_t k = 0;
-    for (; k + 2 <= K; k += 2) {
-      const V wbk(wb[k]), vk(v[k]), wbk1(wb[k + 1]), vk1(v[k + 1]);
-      MMIM_TILE_U(k, u0, u1)
-      MMIM_TILE_U(k + 1, w0, w1)
-      s00 += math::critic_unit(vk, math::critic_x(wbk, b00, u0));
-      s01 += math::critic_unit(vk, math::critic_x(wbk, b01, u1));
-      e00 += math::critic_unit(vk1, math::critic_x(wbk1, b00, w0));
-      e01 += math::critic_unit(vk1, math::critic_x(wbk1, b01, w1));
+    for (int64_t k = 0; k < K; ++k) {
+      const V wak(wa[k]), wbk(wb[k]), bk(bias[k]), vk(v[k]);
+      s00 += math::critic_unit(vk, math::critic_x(wbk, b00, math::critic_u(wak, a0, bk)));
+      s01 += math::critic_unit(vk, math::critic_x(wbk, b01, math::critic_u(wak, a1, bk)));
     }
-    for (; k < K; ++k) {
-      const V wbk(wb[k]), vk(v[k]);
-      MMIM_TILE_U(k, u0, u1)
-      s00 += math::critic_unit(vk, math::critic_x(wbk, b00, u0));
-      s01 += math::critic_unit(vk, math::critic_x(wbk, b01, u1));
-    }
-#undef MMIM_TILE_U
-    s00 += e00;
-    s01 += e01;
   }
   s00.store(t0);
   s01.store(t0 + L);
 }
 
-// tile_scores2 in the threshold form f (ScoreForm): the same scores up to rounding. kU: the
-// thresholds t = ta a + tb are loaded from rows U (first_layer_rows of ta, tb) instead of formed.
-template <typename T, bool kU>
-inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, const T* b1, const ScoreForm<T>& f,
-                              int64_t K, T* t0, T* t1) {
+// tile_scores2 in the threshold form f (ScoreForm): the same scores up to rounding.
+template <typename T>
+inline void tile_scores2_form(const T* a, const T* b0, const T* b1, const ScoreForm<T>& f, int64_t K, T* t0,
+                              T* t1) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  const T* ta = f.ta;
-  const T* tb = f.tb;
-  const T* cp = f.cp;
-  // the tile's thresholds for unit k
-#define MMIM_TILE_T(k, x0, x1) \
-  V x0, x1;                    \
-  tile_first_layer<T, kU>(U, us, k, ta, tb, a0, a1, x0, x1);
   const V a0 = V::load(a), a1 = V::load(a + L);
   const V b00 = V::load(b0), b01 = V::load(b0 + L);
   // a source's score: the linear part alpha a + gamma (shared by the sources) + beta b, plus the
@@ -238,8 +172,8 @@ inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, c
     const V b10 = V::load(b1), b11 = V::load(b1 + L);
     V s10 = V::zero(), s11 = V::zero();
     for (int64_t k = 0; k < K; ++k) {
-      MMIM_TILE_T(k, x0, x1)
-      const V ck(cp[k]);
+      const V ta(f.ta[k]), tb(f.tb[k]), ck(f.cp[k]);
+      const V x0 = math::critic_u(ta, a0, tb), x1 = math::critic_u(ta, a1, tb);  // the thresholds
       s00 += ck * vmax_form(b00, x0);
       s01 += ck * vmax_form(b01, x1);
       s10 += ck * vmax_form(b10, x0);
@@ -248,142 +182,64 @@ inline void tile_scores2_form(const T* a, const T* U, int64_t us, const T* b0, c
     finish(b10, a0, s10, t1);
     finish(b11, a1, s11, t1 + L);
   } else {
-    // One source: units two at a time into separate sums (four accumulation chains).
-    V e00 = V::zero(), e01 = V::zero();
-    int64_t k = 0;
-    for (; k + 2 <= K; k += 2) {
-      MMIM_TILE_T(k, x0, x1)
-      MMIM_TILE_T(k + 1, y0, y1)
-      const V ck(cp[k]), ck1(cp[k + 1]);
-      s00 += ck * vmax_form(b00, x0);
-      s01 += ck * vmax_form(b01, x1);
-      e00 += ck1 * vmax_form(b00, y0);
-      e01 += ck1 * vmax_form(b01, y1);
+    for (int64_t k = 0; k < K; ++k) {
+      const V ta(f.ta[k]), tb(f.tb[k]), ck(f.cp[k]);
+      s00 += ck * vmax_form(b00, math::critic_u(ta, a0, tb));
+      s01 += ck * vmax_form(b01, math::critic_u(ta, a1, tb));
     }
-    for (; k < K; ++k) {
-      MMIM_TILE_T(k, x0, x1)
-      const V ck(cp[k]);
-      s00 += ck * vmax_form(b00, x0);
-      s01 += ck * vmax_form(b01, x1);
-    }
-    s00 += e00;
-    s01 += e01;
   }
-#undef MMIM_TILE_T
   finish(b00, a0, s00, t0);
   finish(b01, a1, s01, t0 + L);
 }
 
-// tile_scores2_form for two sources over a tile of three vectors, thresholds formed (not kU).
-// Each unit adds one FMA to each of six sums, so each sum's chain waits on the FMA latency (4
-// cycles) once per unit while the FMA pipes do 9 operations, where the two-vector tile's four
-// sums bound it at the latency with 6. The same sums in the same order as tile_scores2_form
-// (max(t, b) for max(b, t): equal where neither is NaN, and the form keeps them finite), so the
-// scores are bitwise the same. Used by the forward only (source_scores' kTile3), the one place it
-// was measured faster: in the one pass, and with a shared critic's rows U, three vectors did not
-// gain.
-template <typename T>
-inline void tile_scores3_form(const T* a, const T* b0, const T* b1, const ScoreForm<T>& f, int64_t K, T* t0,
-                              T* t1) {
-  using V = Vec<T>;
-  constexpr int L = V::L;
-  V s00 = V::zero(), s01 = V::zero(), s02 = V::zero(), s10 = V::zero(), s11 = V::zero(), s12 = V::zero();
-  for (int64_t k = 0; k < K; ++k) {
-    const V ck(f.cp[k]), c1(f.ta[k]), c0(f.tb[k]);
-    const V x0 = math::critic_u(c1, V::load(a), c0);
-    const V x1 = math::critic_u(c1, V::load(a + L), c0);
-    const V x2 = math::critic_u(c1, V::load(a + 2 * L), c0);
-    s00 += ck * vmax_form(x0, V::load(b0));
-    s01 += ck * vmax_form(x1, V::load(b0 + L));
-    s02 += ck * vmax_form(x2, V::load(b0 + 2 * L));
-    s10 += ck * vmax_form(x0, V::load(b1));
-    s11 += ck * vmax_form(x1, V::load(b1 + L));
-    s12 += ck * vmax_form(x2, V::load(b1 + 2 * L));
-  }
-  const V alpha(f.alpha), beta(f.beta), gamma(f.gamma);
-  const auto finish = [&](const T* bn, const T* an, const V& sum, T* out) {
-    ((alpha * V::load(an) + gamma + beta * V::load(bn)) + sum).store(out);
-  };
-  finish(b0, a, s00, t0);
-  finish(b0 + L, a + L, s01, t0 + L);
-  finish(b0 + 2 * L, a + 2 * L, s02, t0 + 2 * L);
-  finish(b1, a, s10, t1);
-  finish(b1 + L, a + L, s11, t1 + L);
-  finish(b1 + 2 * L, a + 2 * L, s12, t1 + 2 * L);
-}
-
 // Scores (without c) of samples [n0, n1) of `nsrc` sources that share the first argument a:
-// dst[s][n - n0] = T(a[n], src[s][n]). n0 and n1 are multiples of the tile width. form: null,
-// or the critic's threshold form (ScoreForm), which the loops then use (builds with
-// kThresholdGates only). U: null, or a's first_layer_rows (row stride Bp) of wa, bias, or of ta,
-// tb with a form, loaded instead of computing u or t. kTile3: two sources of per-pair critics in
-// a form go through tile_scores3_form (the forward).
-template <typename T, bool kTile3 = false>
-inline void source_scores(const T* a, const T* U, int64_t Bp, const T* const* src, T* const* dst,
-                          int64_t nsrc, int64_t n0, int64_t n1, const T* wa, const T* wb,
-                          const T* bias, const T* v, int64_t K, const ScoreForm<T>* form) {
+// dst[s][n - n0] = T(a[n], src[s][n]), sources two at a time (their first layer formed once).
+// n0 and n1 are multiples of the tile width. form: null, or the critic's threshold form
+// (ScoreForm), which the loops then use (builds with kThresholdGates only).
+template <typename T>
+inline void source_scores(const T* a, const T* const* src, T* const* dst, int64_t nsrc, int64_t n0, int64_t n1,
+                          const T* wa, const T* wb, const T* bias, const T* v, int64_t K,
+                          const ScoreForm<T>* form) {
   constexpr int W = 2 * Vec<T>::L;  // one tile_scores2 tile; kLanes<T> (the padding) is a multiple
-  T scratch[W];
-  auto run = [&](auto use_u, auto use_form) {
-    constexpr bool kU = decltype(use_u)::value;
-    int64_t n = n0;
-    if constexpr (kTile3 && decltype(use_form)::value && !kU) {
-      // Two sources, per-pair critics: three-vector tiles (tile_scores3_form) for an even number
-      // of them, so that the rest is a multiple of W.
-      if (nsrc == 2) {
-        constexpr int W3 = 3 * Vec<T>::L;
-        const int64_t n3 = n0 + (n1 - n0) / (2 * W3) * (2 * W3);
-        for (; n < n3; n += W3)
-          tile_scores3_form<T>(a + n, src[0] + n, src[1] + n, *form, K, dst[0] + (n - n0), dst[1] + (n - n0));
-      }
-    }
-    for (; n < n1; n += W) {
+  // The choice of form once per call, not per tile.
+  const auto run = [&](auto use_form) {
+    for (int64_t n = n0; n < n1; n += W) {
       for (int64_t s = 0; s < nsrc; s += 2) {
         const bool two = s + 1 < nsrc;
         const T* b1 = two ? src[s + 1] + n : nullptr;
-        T* t1 = two ? dst[s + 1] + (n - n0) : scratch;
+        T* t1 = two ? dst[s + 1] + (n - n0) : nullptr;
         if constexpr (decltype(use_form)::value)
-          tile_scores2_form<T, kU>(a + n, kU ? U + n : nullptr, Bp, src[s] + n, b1, *form, K, dst[s] + (n - n0), t1);
+          tile_scores2_form<T>(a + n, src[s] + n, b1, *form, K, dst[s] + (n - n0), t1);
         else
-          tile_scores2<T, kU>(a + n, kU ? U + n : nullptr, Bp, src[s] + n, b1, wa, wb, bias, v, K, dst[s] + (n - n0),
-                              t1);
+          tile_scores2<T>(a + n, src[s] + n, b1, wa, wb, bias, v, K, dst[s] + (n - n0), t1);
       }
     }
   };
   if constexpr (kThresholdGates<T>) {
-    if (form != nullptr) {
-      if (U != nullptr) run(std::true_type{}, std::true_type{});
-      else run(std::false_type{}, std::true_type{});
-      return;
-    }
+    if (form != nullptr) return run(std::true_type{});
   }
-  if (U != nullptr) run(std::true_type{}, std::false_type{});
-  else run(std::false_type{}, std::false_type{});
+  run(std::false_type{});
 }
 
-// The score form (ScoreForm) of the pairs' critics, and a shared critic's first_layer_rows of the
-// current first argument, recomputed when the pairs move to another one (for per-pair critics
-// rows() is nullptr). A shared critic's form is made once; per-pair critics' forms for blocks of
-// kFormBlock consecutive pairs at a time (independent computations that the CPU overlaps, where
-// one per pair would wait on its divisions before the pair's loops can start).
+// The score form (ScoreForm) of the pairs' critics (builds with kThresholdGates only; else
+// none). A shared critic's form is made once; per-pair critics' forms for blocks of kFormBlock
+// consecutive pairs at a time (independent computations that the CPU overlaps, where one per pair
+// would wait on its divisions before the pair's loops can start).
 template <typename T>
-struct FirstLayerCache {
+struct FormCache {
   static constexpr int64_t kFormBlock = 32;
   const PairStatsCpuArgs<T>& g;
   const int64_t end;  // the pairs [begin, end) of the caller
-  std::vector<T> buf, form_buf;
+  std::vector<T> form_buf;
   ScoreForm<T> shared_form;
   std::vector<ScoreForm<T>> forms;  // pairs [blk0, blk1)
-  int64_t blk0 = 0, blk1 = 0, unit = -1;
-  FirstLayerCache(const PairStatsCpuArgs<T>& args, int64_t end_pair) : g(args), end(end_pair) {
+  int64_t blk0 = 0, blk1 = 0;
+  FormCache(const PairStatsCpuArgs<T>& args, int64_t end_pair) : g(args), end(end_pair) {
     if constexpr (kThresholdGates<T>) {
       const int64_t n = g.pstride == 0 ? 1 : kFormBlock;  // a shared critic's form is shared_form
       form_buf.resize(static_cast<size_t>(n * score_form_floats<T>(g.K) + 64 / sizeof(T)));
       if (g.pstride != 0) forms.resize(static_cast<size_t>(kFormBlock));
-    }
-    if (g.pstride == 0) {
-      buf.resize(static_cast<size_t>(g.K * g.Bp));
-      if constexpr (kThresholdGates<T>) shared_form = score_form(g.wa, g.wb, g.bias, g.v, g.K, g.hmax, form_data());
+      else shared_form = score_form(g.wa, g.wb, g.bias, g.v, g.K, g.hmax, form_data());
     }
   }
   // form_buf from its first 64-byte boundary on (vectors stored to it do not straddle cache
@@ -411,19 +267,6 @@ struct FirstLayerCache {
       return f.ok ? &f : nullptr;
     }
   }
-  const T* rows(int64_t i) {
-    if (buf.empty()) return nullptr;
-    if (i != unit) {
-      if (shared_form.ok) first_layer_rows<T>(g.hT + i * g.Bp, shared_form.ta, shared_form.tb, g.K, g.Bp, buf.data());
-      else first_layer_rows<T>(g.hT + i * g.Bp, g.wa, g.bias, g.K, g.Bp, buf.data());
-      unit = i;
-    }
-    return buf.data();
-  }
 };
 
 }  // namespace detail
-
-}  // namespace MMIM_CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace mmim_ext

@@ -1,13 +1,9 @@
 // CPU loops of pair_stats, part 1 of 4: the SIMD vector type (Vec) with the functions the shared
 // math needs, lane sums, exp on vectors, and the reductions over samples (sum, log-sum-exp) and
 // the critic's finiteness check. Part of pair_stats_cpu_impl.h, compiled once per instruction set.
-#ifndef MMIM_CPU_CAPABILITY
-#error "include cpu/pair_stats_cpu_impl.h, which defines the build's namespace, instead"
+#ifndef MMIM_CPU_IMPL_PARTS
+#error "include cpu/pair_stats_cpu_impl.h, which includes this file inside the build's namespace"
 #endif
-
-namespace mmim_ext {
-namespace cpu {
-namespace MMIM_CPU_CAPABILITY {
 
 namespace detail {
 
@@ -265,7 +261,3 @@ inline math::LseState<T> range_lse(std::conditional_t<kKeep, T*, const T*> x, in
 }
 
 }  // namespace detail
-
-}  // namespace MMIM_CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace mmim_ext
