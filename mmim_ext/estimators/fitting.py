@@ -370,6 +370,15 @@ def _pairwise_ci(mod, h, labels, kw):
     return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
 
+def _fit_whole(mod, train, val, eval_kw: dict, gen, kw: dict, owner: str) -> None:
+    """Train a one-estimate module (total correlation, vector MI) on ``train``, stopping and
+    choosing the critic on ``val`` (:func:`train_select`); ``eval_kw`` go to ``mod.evaluate``."""
+    def evaluate():
+        return torch.as_tensor(mod.evaluate(*val, **eval_kw)).reshape(1)
+
+    train_select(mod, train, evaluate, 1, gen, kw, owner)
+
+
 def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int = 2, estimator: str = "mine",
                                num_negatives: int = 4, marginals: str = "gaussianize", batch_size: int = 500,
                                lr: float = 1e-3, max_epochs: int = 300, patience: int = 10, lr_decays: int = 2,
@@ -403,10 +412,7 @@ def estimate_total_correlation(h, labels=None, *, hidden: int = 64, layers: int 
     mod = TotalCorrelationMINE(m, hidden=hidden, layers=layers, estimator=estimator, num_negatives=num_negatives,
                                standardize=False, **cond)
 
-    def evaluate():
-        return torch.as_tensor(mod.evaluate(h_va, y_va, num_draws=val_draws)).reshape(1)
-
-    train_select(mod, (h_tr, y_tr), evaluate, 1, gen, kw, owner)
+    _fit_whole(mod, (h_tr, y_tr), (h_va, y_va), {"num_draws": val_draws}, gen, kw, owner)
     if not return_ci:
         return with_extras(float(mod.evaluate(h_te, y_te, num_draws=val_draws)), (), mod, kw)
     with torch.no_grad():
@@ -470,10 +476,7 @@ def estimate_mi(x, y, *, hidden: int = 64, layers: int = 2, estimator: str = "mi
     mod = VectorMINE(x.shape[1], y.shape[1], hidden=hidden, layers=layers, estimator=estimator,
                      negatives=negatives, num_negatives=num_negatives, standardize=False, squares=squares)
 
-    def evaluate():
-        return torch.as_tensor(mod.evaluate(x_va, y_va, num_negatives=val_negatives)).reshape(1)
-
-    train_select(mod, (x_tr, y_tr), evaluate, 1, gen, kw, owner)
+    _fit_whole(mod, (x_tr, y_tr), (x_va, y_va), {"num_negatives": val_negatives}, gen, kw, owner)
     if not return_ci:
         return with_extras(float(mod.evaluate(x_te, y_te, num_negatives=val_negatives)), (), mod, kw)
     with torch.no_grad():
