@@ -105,7 +105,18 @@ def format_tuning(tuning: dict | None) -> str:
 
 def _log_x_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
     """The finish of a panel over a log-scaled x axis (λ, measured MI): labels, legend, grid."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
+    # Matplotlib labels the minor ticks (2x10^2, 3x10^2, ...) of a range under two decades, and
+    # those labels overlap: label 1, 2 and 5 times each decade instead, as plain numbers.
+    lo, hi = ax.get_xlim()
+    if lo > 0 and math.log10(hi / lo) < 2:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
