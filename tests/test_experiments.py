@@ -284,9 +284,13 @@ def test_cli_resume_and_shards_match_single_process(tiny_run, tmp_path, capsys):
     args = ["table1", *TINY, "--quick", "--seeds", "2", "--archs", "mlp", "--methods", "baseline,c1,mmim,c4",
             "--no-plots"]
     out = str(tmp_path / "sharded")
+    # Alone, shard 0 runs its share and then shard 1's (nobody else claims them): it finishes the
+    # experiment and writes the results; shard 1 then finds nothing to do.
     assert main([*args, "--shard", "0/2", "--out", out]) == 0
-    assert not os.path.exists(os.path.join(out, "results.json"))  # shard 1's runs are still missing
+    assert os.path.exists(os.path.join(out, "results.json"))
+    capsys.readouterr()
     assert main([*args, "--shard", "1/2", "--out", out]) == 0
+    assert not any(line.startswith(("table mlp", "tune mlp")) for line in capsys.readouterr().out.splitlines())
     res = json.load(open(os.path.join(out, "results.json")))
     single = {r["method"]: r["accs"] for r in json.load(open(os.path.join(tiny_run, "results.json")))["rows"]}
     for r in res["rows"]:
@@ -302,6 +306,81 @@ def test_cli_resume_and_shards_match_single_process(tiny_run, tmp_path, capsys):
     merged = str(tmp_path / "merged")
     assert main(["table1", "--merge", out, "--no-plots", "--out", merged]) == 0
     assert json.load(open(os.path.join(merged, "results.json")))["rows"] == res["rows"]
+
+
+def test_cli_concurrent_shards_run_every_job_once(tiny_run, tmp_path):
+    """Two processes on one --out: each job runs in exactly one of them (claims), and the table
+    equals the single-process one."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "concurrent")
+    args = [sys.executable, "-m", "mmim_ext.experiments", "table1", *TINY, "--quick", "--seeds", "2", "--archs", "mlp",
+            "--methods", "baseline,c4,c6", "--no-plots", "--out", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([*args, "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    ran = [line.split(":")[0] for log in logs for line in log.splitlines() if line.startswith("table mlp")]
+    assert len(ran) == len(set(ran)) == 2 * 3, ran  # baseline(+c3 record), c4, c6 per seed, once each
+    res = json.load(open(os.path.join(out, "results.json")))
+    single = {r["method"]: r["accs"] for r in json.load(open(os.path.join(tiny_run, "results.json")))["rows"]}
+    assert {r["method"]: r["accs"] for r in res["rows"]} == {m: single[m] for m in ("baseline", "c4", "c6")}
+    assert not [p for p in _all_files(out) if p.endswith(".lock")]
+
+
+def test_locks_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from mmim_ext.experiments.locks import claim, release
+
+    path = str(tmp_path / "sub" / "run_x_seed0.json")
+    assert claim(path) and not claim(path)  # this live process holds it
+    release(path)
+    release(path)  # releasing twice is harmless
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(path + ".lock", "w") as fh:
+        fh.write(str(dead.pid))
+    assert claim(path) and open(path + ".lock").read() == str(os.getpid())
+    release(path)
+    assert not os.path.exists(path + ".lock")
+
+
+def test_stale_baseline_claim_does_not_hang(tmp_path):
+    """A baseline lock left by a killed process is taken over: the job runs instead of waiting
+    forever for a record nobody is computing (it used to)."""
+    import subprocess
+    import sys
+    import threading
+
+    from mmim_ext.experiments.data import load_dataset
+    from mmim_ext.experiments.protocol import ProtocolConfig
+    from mmim_ext.experiments.runner import Job, RunStore, run_jobs
+
+    store = RunStore(str(tmp_path))
+    cfg = ProtocolConfig("digits", "mlp", max_epochs=2, patience=1, batch_size=64, width=8, c3_epochs=1)
+    splits = load_dataset("digits").subset_train(128)
+    jobs = [Job("table", "mlp", "baseline", 0, 0.0, ("baseline",)), Job("table", "mlp", "c4", 0, 1e-3, ("c4",))]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = store.path("table", "mlp", "baseline", 0.0, 0) + ".lock"
+    os.makedirs(os.path.dirname(lock))
+    with open(lock, "w") as fh:
+        fh.write(str(dead.pid))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(n=run_jobs(store, splits, {"mlp": cfg}, jobs, log=lambda _: None)),
+                         daemon=True)
+    t.start()
+    t.join(timeout=300)
+    assert result.get("n") == 2, "run_jobs did not finish: the stale baseline claim was not taken over"
+    assert store.load("table", "mlp", "c4", 1e-3, 0) is not None and not os.path.exists(lock)
+
+
+def _all_files(out):
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs)
 
 
 def _all_json(out):

@@ -397,22 +397,6 @@ def test_compression_and_mean_sd():
     assert mean_sd([2.0]) == {"mean": 2.0, "sd": None, "n": 1}
 
 
-def test_run_claims_are_exclusive_and_stale_locks_are_taken_over(tmp_path):
-    import subprocess
-    import sys
-
-    from mmim_ext.experiments.infoplane import _claim
-
-    path = str(tmp_path / "run_x_seed0.json")
-    assert _claim(path) and not _claim(path)  # this live process holds it
-    os.remove(path + ".lock")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    with open(path + ".lock", "w") as fh:
-        fh.write(str(dead.pid))
-    assert _claim(path) and open(path + ".lock").read() == str(os.getpid())
-
-
 def test_probes_on_a_short_run():
     from mmim_ext.experiments.infoplane import make_task
     from mmim_ext.experiments.infoplane_probes import residual_run, separability_run

@@ -35,6 +35,7 @@ import time
 import torch
 
 from mmim_ext.experiments.cli import positive_int
+from mmim_ext.experiments.locks import claim, release
 from mmim_ext.experiments.infoplane_merge import merge, probe_path, run_path
 from mmim_ext.experiments.infoplane_train import (ACTIVATIONS, DEFAULT_LR, OPTIMIZERS, WIDTHS, RunConfig, Setting,
                                                   build_net, train_one)
@@ -153,35 +154,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not train: rebuild results.json and the figures from the run files in --out")
 
 
-def _claim(path: str) -> bool:
-    """Create ``path + '.lock'`` for this process; False when a live process holds it."""
-    lock = path + ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(open(lock).read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            alive = pid > 0
-            if alive:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    alive = False
-                except PermissionError:
-                    pass
-            if alive:
-                return False
-            os.remove(lock)  # left behind by a process that died: take the run over
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        return True
-    return False
-
-
 def _write_json(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as fh:
@@ -274,7 +246,7 @@ def run(args) -> int:
                     return 2
                 skipped += 1
                 continue
-            if not _claim(path):
+            if not claim(path):
                 print(f"  {os.path.basename(path)}: another process is on it", flush=True)
                 continue
             t0 = time.perf_counter()
@@ -297,7 +269,7 @@ def run(args) -> int:
                 payload["wall_total_s"] = time.perf_counter() - t0
                 _write_json(path, payload)
             finally:
-                os.remove(path + ".lock")
+                release(path)
             done += 1
             print(f"  seed {seed} {msg} ({payload['wall_total_s']:.0f} s)", flush=True)
     print(f"ran {done}, found {skipped} finished", flush=True)

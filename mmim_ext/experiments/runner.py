@@ -3,10 +3,12 @@
 Every finished run is written to ``<out>/runs/<phase>/<arch>/<method>/lam<λ>_seed<s>.json``
 (atomically: a temporary file, then a rename). A job whose records already exist with the same
 settings is skipped, so an interrupted command resumes where it stopped, and several processes
-(``shard=(i, n)``) can share one output directory: job ``k`` of the plan belongs to shard
-``k mod n``. The baseline of a seed, whose ``epochs_used`` is the budget of every other method
-on that seed, is computed by whichever shard needs it first (a lock file keeps the other from
-computing it twice) and read from disk by everyone else.
+(``shard=(i, n)``) can share one output directory on one machine: job ``k`` of the plan is first
+shard ``k mod n``'s, and a shard with nothing of its own left helps with the others' jobs, taken
+from the end of their queues. A process claims a job with a lock file holding its pid
+(:mod:`mmim_ext.experiments.locks`), so no job runs twice and a job of a killed process is taken
+over. The baseline of a seed, whose ``epochs_used`` is the budget of every other method on that
+seed, is computed once, by whichever process claims it first, and read from disk by the others.
 
 Phases: ``"tune"`` (λ grid on the tuning seeds, validation accuracy only, no measurements) and
 ``"table"`` (the chosen λ on the table's seeds, with the held-out information measurements).
@@ -20,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from mmim_ext.experiments.locks import claim, release
 from mmim_ext.experiments.protocol import BODY_OF, TUNED_METHODS, ProtocolConfig, run_body
 
 __all__ = ["Job", "RunStore", "plan_table", "plan_tune", "run_jobs", "wait_for"]
@@ -121,29 +124,20 @@ def _have(store: RunStore, job: Job, fingerprint: dict) -> bool:
 
 def _budget(store: RunStore, splits, cfg: ProtocolConfig, job: Job, measure, log, base_job: Job | None = None) -> int:
     """The seed's baseline epochs, computing the baseline body (``base_job``, the plan's baseline
-    job of that seed) if no shard has yet."""
-    if job.body == "baseline":
-        base_job = job
+    job of that seed) if no process has yet. While another live process computes it, wait; a
+    claim left by a killed process is taken over (:mod:`mmim_ext.experiments.locks`)."""
     if base_job is None:
         base_job = Job(job.phase, job.arch, "baseline", job.seed, 0.0, ("baseline",))
-    methods = base_job.methods
-    rec = store.load(job.phase, job.arch, "baseline", 0.0, job.seed)
-    if rec is not None and all(store.load(job.phase, job.arch, m, 0.0, job.seed) for m in methods):
-        return int(rec["epochs_used"])
-    lock = store.path(job.phase, job.arch, "baseline", 0.0, job.seed) + ".lock"
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        while rec is None:  # another shard is computing it
+    path = store.path(job.phase, job.arch, "baseline", 0.0, job.seed)
+    while not _have(store, base_job, cfg.fingerprint()):
+        if claim(path):
+            try:
+                if not _have(store, base_job, cfg.fingerprint()):
+                    _execute(store, splits, cfg, base_job, None, measure, log)
+            finally:
+                release(path)
+        else:
             time.sleep(2.0)
-            rec = store.load(job.phase, job.arch, "baseline", 0.0, job.seed)
-        return int(rec["epochs_used"])
-    try:
-        _execute(store, splits, cfg, base_job, None, measure, log)
-    finally:
-        os.close(fd)
-        os.remove(lock)
     return int(store.load(job.phase, job.arch, "baseline", 0.0, job.seed)["epochs_used"])
 
 
@@ -160,27 +154,41 @@ def _execute(store, splits, cfg, job: Job, budget, measure, log) -> None:
 
 def run_jobs(store: RunStore, splits, cfgs: dict, jobs: list[Job], *, shard=(0, 1), measure=None,
              log=print) -> int:
-    """Run this shard's share of ``jobs`` (``cfgs[arch]`` the settings), skipping finished ones.
+    """Run this shard's share of ``jobs`` (``cfgs[arch]`` the settings), skipping finished ones,
+    then help with the other shards' share, from its end, so that no shard idles while another
+    still has a queue.
 
-    Returns the number of jobs run. ``measure`` (table phase) is applied to held-out features.
+    A job is claimed with a lock file next to its record (:mod:`mmim_ext.experiments.locks`), so
+    two processes never run one job, and a job whose process was killed is taken over. Returns
+    the number of jobs this process ran. ``measure`` (table phase) is applied to held-out features.
     """
     i, n = shard
     if not (isinstance(n, int) and n >= 1 and isinstance(i, int) and 0 <= i < n):
         raise ValueError(f"argument 'shard' must be (i, n) with 0 <= i < n, got {shard!r}")
     done = 0
-    mine = [j for k, j in enumerate(x for x in jobs if x.body != "baseline") if k % n == i]
-    # Baselines belong to every shard: each seed's budget is needed before its other jobs.
+    # Baselines first: each seed's budget is needed before its other jobs.
     base = [j for j in jobs if j.body == "baseline"]
+    rest = [j for j in jobs if j.body != "baseline"]
+    own = base[i::n] + [j for k, j in enumerate(rest) if k % n == i]
+    others = [j for k, j in enumerate(base) if k % n != i] + [j for k, j in enumerate(rest) if k % n != i]
     base_of = {(j.phase, j.arch, j.seed): j for j in base}
-    for job in base[i::n] + mine:
+    for job in own + others[::-1]:
         cfg = cfgs[job.arch]
         if _have(store, job, cfg.fingerprint()):
             continue
-        if job.body == "baseline":
-            _budget(store, splits, cfg, job, measure, log)
-        else:
-            budget = _budget(store, splits, cfg, job, measure, log, base_of.get((job.phase, job.arch, job.seed)))
-            _execute(store, splits, cfg, job, budget, measure, log)
+        path = store.path(job.phase, job.arch, job.methods[0], job.reg_weight, job.seed)
+        if not claim(path):
+            continue  # another live process runs it
+        try:
+            if _have(store, job, cfg.fingerprint()):  # finished between the check and the claim
+                continue
+            if job.body == "baseline":
+                _execute(store, splits, cfg, job, None, measure, log)
+            else:
+                budget = _budget(store, splits, cfg, job, measure, log, base_of.get((job.phase, job.arch, job.seed)))
+                _execute(store, splits, cfg, job, budget, measure, log)
+        finally:
+            release(path)
         done += 1
     return done
 
