@@ -105,8 +105,6 @@ def format_tuning(tuning: dict | None) -> str:
 
 def _log_x_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
     """The finish of a panel over a log-scaled x axis (λ, measured MI): labels, legend, grid."""
-    import math
-
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
