@@ -35,10 +35,10 @@ import time
 import torch
 
 from mmim_ext.experiments.cli import positive_int
-from mmim_ext.experiments.locks import claim, release
 from mmim_ext.experiments.infoplane_merge import merge, probe_path, run_path
 from mmim_ext.experiments.infoplane_train import (ACTIVATIONS, DEFAULT_LR, OPTIMIZERS, WIDTHS, RunConfig, Setting,
                                                   build_net, train_one)
+from mmim_ext.experiments.locks import claim, release
 from mmim_ext.infoplane import log_schedule
 from mmim_ext.ops import kde_fused_available
 
