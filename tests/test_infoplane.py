@@ -371,6 +371,7 @@ def test_infoplane_command_smoke(tmp_path):
     pngs = ["planes_sgd.png", "ixt_epochs_sgd.png", "kde_noise_sgd.png", "compression.png", "bin_convergence.png",
             "grad_snr.png", "svm_margin.png"]
     assert all((out / p).stat().st_size > 20_000 for p in pngs)
+    assert "| tanh_sgd | 2 | h5 |" in (out / "results.md").read_text()
     # Resume: nothing left to run, the files stay as they were; --merge rebuilds the summary.
     stamps = {r: (out / r).stat().st_mtime_ns for r in runs}
     assert main(argv) == 0
@@ -395,6 +396,53 @@ def test_compression_and_mean_sd():
     assert compression({"infoplane": recs}, "binned_fixed") == {"h1": 3.0}
     assert mean_sd([1.0, 2.0, 4.0]) == pytest.approx({"mean": 7 / 3, "sd": float(np.std([1, 2, 4], ddof=1)), "n": 3})
     assert mean_sd([2.0]) == {"mean": 2.0, "sd": None, "n": 1}
+
+
+def _setting(act, opt, seeds, h5_fixed, random=False):
+    vals = {"binned_fixed": h5_fixed, "binned_adaptive": [v + 1.0 for v in h5_fixed], "kde_0.1": [0.5 * v for v in h5_fixed]}
+    return {"setting": {"activation": act, "optimizer": opt, "random_labels": random, "label_noise": 0.0},
+            "seeds": seeds, "compression": {"h5": {e: {"values": v} for e, v in vals.items()}}}
+
+
+def test_comparisons_pair_by_seed():
+    from mmim_ext.experiments.infoplane_report import comparisons, contrasts, format_markdown
+
+    settings = {"tanh_sgd": _setting("tanh", "sgd", [0, 1, 2, 3], [4.0, 5.0, 6.0, 7.0]),
+                "tanh_sgd_random": _setting("tanh", "sgd", [1, 2, 3], [0.5, 1.0, 0.0], random=True),
+                "relu_sgd": _setting("relu", "sgd", [0, 1, 2, 3], [0.0, 0.0, 1.0, 0.0]),
+                "tanh_adam": _setting("tanh", "adam", [0, 2], [8.0, 9.0])}
+    assert {(c["name"], c["a"], c["b"]) for c in contrasts(settings)} == {
+        ("labels", "tanh_sgd", "tanh_sgd_random"), ("activation", "tanh_sgd", "relu_sgd"),
+        ("optimizer", "tanh_adam", "tanh_sgd")}
+    rows = {(r["name"], r["estimator"]): r for r in comparisons(settings)}
+    # true minus random labels over the shared seeds 1, 2, 3: (5 - 0.5, 6 - 1, 7 - 0)
+    lab = rows[("labels", "binned_fixed")]
+    assert lab["seeds"] == [1, 2, 3] and lab["mean"] == pytest.approx((4.5 + 5.0 + 7.0) / 3)
+    d = np.array([4.5, 5.0, 7.0])
+    half = 4.302652729911275 * d.std(ddof=1) / math.sqrt(3)  # t_{0.975, 2}
+    assert lab["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert rows[("labels", "kde_0.1")]["mean"] == pytest.approx(0.5 * d.mean())
+    assert rows[("optimizer", "binned_fixed")]["seeds"] == [0, 2]
+    assert rows[("optimizer", "binned_fixed")]["mean"] == pytest.approx(((8 - 4) + (9 - 6)) / 2)
+    act = rows[("activation", "binned_fixed")]
+    assert (act["wins"], act["n"], act["mean_a"], act["mean_b"]) == (4, 4, 5.5, 0.25)
+    # adaptive minus fixed bins within each true-label setting: +1 by construction, never for random labels
+    binning = [r for r in comparisons(settings) if r["name"] == "binning"]
+    assert {r["a"] for r in binning} == {"tanh_sgd", "relu_sgd", "tanh_adam"}
+    assert all(r["mean"] == pytest.approx(1.0) for r in binning)
+    md = format_markdown({"config": {"seeds": [0, 1, 2, 3]}, "settings": {}, "comparisons": comparisons(settings)})
+    assert "| labels | tanh_sgd | tanh_sgd_random | h5 | +5.50 [" in md
+
+
+def test_spearman():
+    from mmim_ext.experiments.statistics import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40])["rho"] == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1])["rho"] == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) == {"rho": None, "p": None, "n": 2}
+    assert spearman([1, 1, 1], [1, 2, 3])["rho"] is None
+    with pytest.raises(ValueError, match="'x' and 'y'"):
+        spearman([1, 2, 3], [1, 2])
 
 
 def test_probes_on_a_short_run():

@@ -2,8 +2,9 @@
 
 Every run (one seed x one setting) is one file ``run_<setting>_seed<N>.json``; the probes of a seed
 are ``probe_seed<N>.json``. :func:`merge` reads whatever is there, summarizes over seeds (mean
-and sample standard deviation) and writes ``results.json``; the figures are drawn by
-:mod:`mmim_ext.experiments.infoplane_plots`.
+and sample standard deviation), adds the paired comparisons between settings
+(:mod:`mmim_ext.experiments.infoplane_report`) and writes ``results.json`` and ``results.md``; the
+figures are drawn by :mod:`mmim_ext.experiments.infoplane_plots`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import glob
 import json
 import math
 import os
+
+from mmim_ext.experiments.infoplane_report import comparisons, format_markdown, margin_vs_accuracy
 
 __all__ = ["ESTIMATORS", "load_runs", "load_probes", "series", "compression", "mean_sd", "summarize_runs",
            "merge", "run_path", "probe_path", "estimator_label"]
@@ -165,7 +168,7 @@ def _probe_summary(probes: list[dict]) -> dict:
 
 def merge(out: str, *, binning: str = "adaptive", optimizers=("sgd",), task: dict | None = None,
           plots: bool = True) -> dict:
-    """Rebuild ``out/results.json`` (and the figures) from the run files in ``out``; returns the payload.
+    """Rebuild ``out/results.json``, ``out/results.md`` (and the figures) from the run files in ``out``; returns the payload.
 
     ``binning`` picks the scheme reported as ``compression[act][layer]["binned"]``; ``"kde"`` there
     is the KDE upper bound at the largest noise variance. Both schemes and every noise variance
@@ -198,6 +201,8 @@ def merge(out: str, *, binning: str = "adaptive", optimizers=("sgd",), task: dic
         "main_regime": main,
         "settings": settings,
         "probes": _probe_summary(probes),
+        "comparisons": comparisons(settings),
+        "margin_vs_test_accuracy": margin_vs_accuracy(runs),
     }
     if plots:
         from mmim_ext.experiments.infoplane_plots import write_figures
@@ -205,4 +210,6 @@ def merge(out: str, *, binning: str = "adaptive", optimizers=("sgd",), task: dic
         payload["figures"] = write_figures(runs, probes, payload, out)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(payload, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(format_markdown(payload))
     return payload

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["holm", "paired_stats"]
+__all__ = ["holm", "paired_stats", "spearman"]
 
 
 def _scipy_stats():
@@ -70,4 +70,17 @@ def holm(pvalues: dict) -> dict:
     for rank, (p, name) in enumerate(items):
         running = max(running, min(1.0, (k - rank) * p))
         out[name] = running
+    return out
+
+
+def spearman(x, y) -> dict:
+    """Spearman's rank correlation of two equally long sequences: ``{"rho", "p", "n"}``; ``rho``
+    and ``p`` are ``None`` with fewer than 3 pairs or when either sequence is constant."""
+    x, y = [float(a) for a in x], [float(b) for b in y]
+    if len(x) != len(y):
+        raise ValueError(f"spearman: arguments 'x' and 'y' must have one length, got {len(x)} and {len(y)}")
+    out = {"rho": None, "p": None, "n": len(x)}
+    if len(x) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
+        res = _scipy_stats().spearmanr(x, y)
+        out["rho"], out["p"] = float(res.statistic), float(res.pvalue)
     return out
