@@ -434,6 +434,25 @@ def test_comparisons_pair_by_seed():
     assert "| labels | tanh_sgd | tanh_sgd_random | h5 | +5.50 [" in md
 
 
+def test_final_svm_only_at_the_last_recording_and_unfit_runs():
+    from mmim_ext.experiments.infoplane_merge import final, unfit_runs
+    from mmim_ext.experiments.infoplane_report import comparisons
+
+    fin = {"train_accuracy": 0.5, "cosine": 0.9, "net_margin": 1.0, "svm_margin": 1.1, "converged": True}
+    # fitted at epoch 400, collapsed by the last recording (8000): the SVM numbers describe another net
+    run = {"final": fin, "svm": [{"epoch": 400}], "accuracy": [{"epoch": 400}, {"epoch": 8000}],
+           "seed": 6, "setting": {"random_labels": False, "label_noise": 0.0}}
+    assert final(run)["cosine"] is None and final(run)["train_accuracy"] == 0.5
+    assert final({**run, "accuracy": [{"epoch": 400}]})["cosine"] == 0.9
+    rand = {**run, "seed": 1, "setting": {"random_labels": True, "label_noise": 0.0}}
+    assert unfit_runs({"relu_sgd": [run], "relu_sgd_random": [rand]}) == [
+        {"key": "relu_sgd", "seed": 6, "train_accuracy": 0.5}]
+    settings = {"tanh_sgd": _setting("tanh", "sgd", [0, 1, 2], [4.0, 5.0, 6.0]),
+                "relu_sgd": _setting("relu", "sgd", [0, 1, 2], [0.0, 0.0, 9.0])}
+    rows = [r for r in comparisons(settings, exclude={("relu_sgd", 2)}) if r["estimator"] == "binned_fixed"]
+    assert rows[0]["seeds"] == [0, 1] and rows[0]["mean"] == pytest.approx(4.5)
+
+
 def test_spearman():
     from mmim_ext.experiments.statistics import spearman
 

@@ -15,9 +15,10 @@ import math
 import os
 
 from mmim_ext.experiments.infoplane_report import comparisons, format_markdown, margin_vs_accuracy
+from mmim_ext.experiments.infoplane_train import FIT_ACCURACY, SVM_FINAL_KEYS
 
-__all__ = ["ESTIMATORS", "load_runs", "load_probes", "series", "compression", "mean_sd", "summarize_runs",
-           "merge", "run_path", "probe_path", "estimator_label"]
+__all__ = ["ESTIMATORS", "load_runs", "load_probes", "series", "compression", "mean_sd", "final", "unfit_runs",
+           "summarize_runs", "merge", "run_path", "probe_path", "estimator_label"]
 
 
 def run_path(out: str, key: str, seed: int) -> str:
@@ -102,6 +103,26 @@ def load_probes(out: str) -> list[dict]:
     return sorted(probes, key=lambda p: p["seed"])
 
 
+def final(run: dict) -> dict:
+    """``run["final"]``, with the SVM comparison dropped when the last recording did not fit the
+    training set (files written before the trainer checked this carry an earlier fit's numbers)."""
+    f = dict(run["final"])
+    svm = run.get("svm") or []
+    if not svm or not run.get("accuracy") or svm[-1]["epoch"] != run["accuracy"][-1]["epoch"]:
+        f.update({k: None for k in SVM_FINAL_KEYS})
+    return f
+
+
+def unfit_runs(runs: dict[str, list[dict]]) -> list[dict]:
+    """True-label runs whose final training accuracy is below ``FIT_ACCURACY``: ``{"key", "seed",
+    "train_accuracy"}``. Random-label and label-noise runs are never listed (fitting them is not
+    expected)."""
+    return [{"key": k, "seed": r["seed"], "train_accuracy": r["final"]["train_accuracy"]}
+            for k, rs in sorted(runs.items()) for r in rs
+            if not r["setting"]["random_labels"] and r["setting"]["label_noise"] == 0
+            and r["final"]["train_accuracy"] < FIT_ACCURACY]
+
+
 def summarize_runs(runs: list[dict]) -> dict:
     """Per-setting summary over seeds: compression per layer and estimator, final metrics, wall time."""
     cfg = runs[0]["config"]
@@ -112,7 +133,7 @@ def summarize_runs(runs: list[dict]) -> dict:
     for layer in layers:
         per_layer[layer] = {e: {**mean_sd([c[layer] for c in comp[e]]), "values": [c[layer] for c in comp[e]]}
                             for e in ests}
-    finals = {k: mean_sd([r["final"][k] for r in runs]) for k in runs[0]["final"]}
+    finals = {k: mean_sd([final(r)[k] for r in runs]) for k in runs[0]["final"]}
     return {"setting": runs[0]["setting"], "seeds": [r["seed"] for r in runs], "compression": per_layer,
             "final": finals, "wall_s": mean_sd([r["wall_s"] for r in runs])}
 
@@ -182,6 +203,7 @@ def merge(out: str, *, binning: str = "adaptive", optimizers=("sgd",), task: dic
     cfg = next(iter(runs.values()))[0]["config"] if runs else {}
     kde_var = max(cfg["noise_vars"]) if runs else None
     main = _main_regime(settings, optimizers)
+    unfit = unfit_runs(runs)
     comp = {}
     for act, key in main.items():
         comp[act] = {}
@@ -202,6 +224,8 @@ def merge(out: str, *, binning: str = "adaptive", optimizers=("sgd",), task: dic
         "settings": settings,
         "probes": _probe_summary(probes),
         "comparisons": comparisons(settings),
+        "unfit_runs": unfit,
+        "comparisons_fitted_only": comparisons(settings, exclude={(u["key"], u["seed"]) for u in unfit}),
         "margin_vs_test_accuracy": margin_vs_accuracy(runs),
     }
     if plots:

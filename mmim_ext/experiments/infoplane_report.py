@@ -53,33 +53,40 @@ def contrasts(settings: dict) -> list[dict]:
     return out
 
 
-def _paired(sa: dict, sb: dict, layer: str, est_a: str, est_b: str) -> dict | None:
+def _paired(sa: dict, sb: dict, layer: str, est_a: str, est_b: str, drop_a=(), drop_b=()) -> dict | None:
     va = dict(zip(sa["seeds"], sa["compression"][layer][est_a]["values"]))
     vb = dict(zip(sb["seeds"], sb["compression"][layer][est_b]["values"]))
-    seeds = sorted(set(va) & set(vb))
+    seeds = sorted((set(va) - set(drop_a)) & (set(vb) - set(drop_b)))
     if not seeds:
         return None
     return {**paired_stats([va[s] - vb[s] for s in seeds]), "seeds": seeds,
             "mean_a": sum(va[s] for s in seeds) / len(seeds), "mean_b": sum(vb[s] for s in seeds) / len(seeds)}
 
 
-def comparisons(settings: dict) -> list[dict]:
+def comparisons(settings: dict, exclude=frozenset()) -> list[dict]:
     """Paired differences of compression over the seeds two settings share.
+
+    ``exclude``: ``(setting key, seed)`` pairs left out (a seed left out of either setting of a
+    pair is left out of that pair).
 
     One row per contrast (:func:`contrasts`), layer and estimator, plus, within every true-label
     setting, adaptive minus fixed bins (``name == "binning"``, same runs). Each row has the fields
     of :func:`~mmim_ext.experiments.statistics.paired_stats` (mean, sd, 95% t-interval, p-values,
     wins/ties/losses, in bits) and ``mean_a``, ``mean_b``, ``seeds``.
     """
+    drop: dict = {}
+    for key, seed in exclude:
+        drop.setdefault(key, set()).add(seed)
     rows = []
     for c in contrasts(settings):
         sa, sb = settings[c["a"]], settings[c["b"]]
+        da, db = drop.get(c["a"], ()), drop.get(c["b"], ())
         for layer in sa["compression"]:
             if layer not in sb["compression"]:
                 continue
             for est in sa["compression"][layer]:
                 if est in sb["compression"][layer]:
-                    r = _paired(sa, sb, layer, est, est)
+                    r = _paired(sa, sb, layer, est, est, da, db)
                     if r is not None:
                         rows.append({**c, "layer": layer, "estimator": est, **r})
     for key, s in settings.items():
@@ -87,9 +94,10 @@ def comparisons(settings: dict) -> list[dict]:
             continue
         for layer, per in s["compression"].items():
             if "binned_adaptive" in per and "binned_fixed" in per:
-                r = _paired(s, s, layer, "binned_adaptive", "binned_fixed")
-                rows.append({"name": "binning", "a": key, "b": key, "layer": layer,
-                             "estimator": "binned_adaptive - binned_fixed", **r})
+                r = _paired(s, s, layer, "binned_adaptive", "binned_fixed", drop.get(key, ()), drop.get(key, ()))
+                if r is not None:
+                    rows.append({"name": "binning", "a": key, "b": key, "layer": layer,
+                                 "estimator": "binned_adaptive - binned_fixed", **r})
     return rows
 
 
@@ -116,6 +124,19 @@ def _diff(r: dict) -> str:
         return f"{r['mean']:+.2f}"
     lo, hi = r["ci95"]
     return f"{r['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] {r['wins']}/{r['n']}"
+
+
+def _comparison_table(rows: list[dict]) -> list[str]:
+    lines = ["| contrast | a | b | layer | " + " | ".join(_est_label(e) for e in _SHOWN) + " |",
+             "|---|---|---|---|" + "---:|" * len(_SHOWN)]
+    groups: dict = {}
+    for r in rows:
+        if r["name"] != "binning":
+            groups.setdefault((r["name"], r["a"], r["b"], r["layer"]), {})[r["estimator"]] = r
+    for (name, a, b, layer), by_est in groups.items():
+        lines.append(f"| {name} | {a} | {b} | {layer} | "
+                     + " | ".join(_diff(by_est[e]) if e in by_est else "—" for e in _SHOWN) + " |")
+    return lines
 
 
 def format_markdown(payload: dict) -> str:
@@ -145,19 +166,20 @@ def format_markdown(payload: dict) -> str:
     if rows:
         lines += ["", "### Paired differences of compression (a − b, same seeds)", "",
                   "Δ [95% t-interval] w/n: mean paired difference in bits, its interval, and in how many of the n "
-                  "seeds a compressed more than b.", "",
-                  "| contrast | a | b | layer | " + " | ".join(_est_label(e) for e in _SHOWN) + " |",
-                  "|---|---|---|---|" + "---:|" * len(_SHOWN)]
-        groups: dict = {}
-        for r in rows:
-            if r["name"] != "binning":
-                groups.setdefault((r["name"], r["a"], r["b"], r["layer"]), {})[r["estimator"]] = r
-        for (name, a, b, layer), by_est in groups.items():
-            lines.append(f"| {name} | {a} | {b} | {layer} | "
-                         + " | ".join(_diff(by_est[e]) if e in by_est else "—" for e in _SHOWN) + " |")
+                  "seeds a compressed more than b.", ""]
+        lines += _comparison_table(rows)
         lines += ["", "Adaptive minus fixed bins, same runs:", "", "| setting | layer | Δ [95% t-interval] w/n |",
                   "|---|---|---:|"]
         lines += [f"| {r['a']} | {r['layer']} | {_diff(r)} |" for r in rows if r["name"] == "binning"]
+    unfit = payload.get("unfit_runs") or []
+    if unfit:
+        keys = {u["key"] for u in unfit}
+        lines += ["", "### Without the true-label runs that did not fit their training set", "",
+                  "Left out (final training accuracy below the fit threshold): "
+                  + ", ".join(f"{u['key']} seed {u['seed']} ({u['train_accuracy']:.3f})" for u in unfit)
+                  + ". The contrasts that involve them, on the remaining seeds:", ""]
+        lines += _comparison_table([r for r in payload.get("comparisons_fitted_only") or []
+                                    if r["name"] != "binning" and (r["a"] in keys or r["b"] in keys)])
     mva = payload.get("margin_vs_test_accuracy") or {}
     if mva:
         lines += ["", "### Median normalized margin vs test accuracy across seeds (Spearman)", "",

@@ -16,7 +16,7 @@ from mmim_ext.diagnostics import GradientSNR, margin_quantiles, svm_alignment, w
 from mmim_ext.infoplane import InfoPlaneRecorder, binned_mi
 
 __all__ = ["ACTIVATIONS", "OPTIMIZERS", "DEFAULT_LR", "WIDTHS", "Setting", "RunConfig", "build_net",
-           "binning_schemes", "train_one", "CONVERGENCE_WIDTHS"]
+           "binning_schemes", "train_one", "CONVERGENCE_WIDTHS", "FIT_ACCURACY", "SVM_FINAL_KEYS"]
 
 WIDTHS = (12, 10, 7, 5, 4, 3, 2)
 #: "relu-tanh": ReLU hidden layers with a tanh last hidden layer (one compressive layer).
@@ -26,6 +26,11 @@ OPTIMIZERS = ("sgd", "gd", "adam")
 #: reaches 100 % training accuracy by epoch ~600 at 0.05; full-batch GD takes one step per epoch
 #: and needs a larger rate.
 DEFAULT_LR = {"sgd": 0.05, "gd": 1.0, "adam": 1e-3}
+#: Training accuracy from which a recording counts as a fit of the training set: the last layer is
+#: compared with a hard-margin SVM only then (before, the features have no hard margin).
+FIT_ACCURACY = 0.99
+#: The fields of a run's ``final`` that come from that SVM comparison.
+SVM_FINAL_KEYS = ("cosine", "net_margin", "svm_margin", "converged")
 #: Bin widths of the convergence curve of binned I(X;T) on the final network.
 CONVERGENCE_WIDTHS = tuple(10.0 ** (-k / 2) for k in range(0, 13))
 
@@ -217,7 +222,7 @@ def train_one(setting: Setting, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor
         feats, logits = features(train_idx)
         hist["margins"].append({"epoch": epoch, **margin_quantiles(logits, ytr, head.weight)})
         hist["weight_norms"].append({"epoch": epoch, **weight_norms(model, linears)})
-        if hist["accuracy"][-1]["train"] < 0.99:
+        if hist["accuracy"][-1]["train"] < FIT_ACCURACY:
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # libsvm's iteration cap on non-separable (early) features
@@ -285,8 +290,10 @@ def train_one(setting: Setting, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor
                   "test_accuracy_clean": float((logits[test_idx].argmax(1) == y[test_idx]).double().mean()),
                   "margin_median": final_norm["q50"], "margin_min": final_norm["min"],
                   "margin_q05": final_norm["q05"],
-                  **{k: (hist["svm"][-1][k] if hist["svm"] else None)
-                     for k in ("cosine", "net_margin", "svm_margin", "converged")}},
+                  # the SVM comparison of the last recording; none when the net did not fit the training
+                  # set there (an earlier fit's numbers would describe another network)
+                  **{k: (hist["svm"][-1][k] if hist["svm"] and hist["svm"][-1]["epoch"] == hist["accuracy"][-1]["epoch"]
+                         else None) for k in SVM_FINAL_KEYS}},
         "wall_s": wall,
         **hist,
     }
