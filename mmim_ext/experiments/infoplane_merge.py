@@ -204,6 +204,7 @@ def merge(out: str, *, binning: str = "adaptive", optimizers=("sgd",), task: dic
     kde_var = max(cfg["noise_vars"]) if runs else None
     main = _main_regime(settings, optimizers)
     unfit = unfit_runs(runs)
+    dropped = {(u["key"], u["seed"]) for u in unfit}
     comp = {}
     for act, key in main.items():
         comp[act] = {}
@@ -225,8 +226,9 @@ def merge(out: str, *, binning: str = "adaptive", optimizers=("sgd",), task: dic
         "probes": _probe_summary(probes),
         "comparisons": comparisons(settings),
         "unfit_runs": unfit,
-        "comparisons_fitted_only": comparisons(settings, exclude={(u["key"], u["seed"]) for u in unfit}),
+        "comparisons_fitted_only": comparisons(settings, exclude=dropped),
         "margin_vs_test_accuracy": margin_vs_accuracy(runs),
+        "margin_vs_test_accuracy_fitted_only": margin_vs_accuracy(runs, exclude=dropped),
     }
     if plots:
         from mmim_ext.experiments.infoplane_plots import write_figures

@@ -101,14 +101,14 @@ def comparisons(settings: dict, exclude=frozenset()) -> list[dict]:
     return rows
 
 
-def margin_vs_accuracy(runs: dict) -> dict:
+def margin_vs_accuracy(runs: dict, exclude=frozenset()) -> dict:
     """Per setting, Spearman's rank correlation across seeds between the final median normalized
     margin and the (clean-label) test accuracy: ``{key: {"rho", "p", "n"}}`` (``None`` below 3
-    seeds or with a constant column)."""
+    seeds or with a constant column); runs whose ``(key, seed)`` is in ``exclude`` are left out."""
     out = {}
     for key, rs in sorted(runs.items()):
         pairs = [(r["final"]["margin_median"], r["final"]["test_accuracy_clean"]) for r in rs
-                 if r["final"].get("margin_median") is not None]
+                 if r["final"].get("margin_median") is not None and (key, r["seed"]) not in exclude]
         out[key] = spearman([m for m, _ in pairs], [a for _, a in pairs])
     return out
 
@@ -181,11 +181,16 @@ def format_markdown(payload: dict) -> str:
         lines += _comparison_table([r for r in payload.get("comparisons_fitted_only") or []
                                     if r["name"] != "binning" and (r["a"] in keys or r["b"] in keys)])
     mva = payload.get("margin_vs_test_accuracy") or {}
+    fit = payload.get("margin_vs_test_accuracy_fitted_only") or {}
     if mva:
         lines += ["", "### Median normalized margin vs test accuracy across seeds (Spearman)", "",
-                  "| setting | n | rho | p |", "|---|---:|---:|---:|"]
-        for key, m in mva.items():
+                  "| setting | n | rho | p | n (fitted runs) | rho | p |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+        def cells(m):
+            if not m:
+                return "— | — | —"
             rho = "—" if m["rho"] is None else f"{m['rho']:+.2f}"
-            p = "—" if m["p"] is None else f"{m['p']:.3f}"
-            lines.append(f"| {key} | {m['n']} | {rho} | {p} |")
+            return f"{m['n']} | {rho} | " + ("—" if m["p"] is None else f"{m['p']:.3f}")
+        for key, m in mva.items():
+            lines.append(f"| {key} | {cells(m)} | {cells(fit.get(key))} |")
     return "\n".join(lines) + "\n"
