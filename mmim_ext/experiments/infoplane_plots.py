@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from mmim_ext.experiments.infoplane_merge import ESTIMATORS, estimator_label, series
+from mmim_ext.experiments.infoplane_merge import ESTIMATORS, estimator_label, series, unfit_runs
 
 __all__ = ["write_figures"]
 
@@ -95,7 +95,11 @@ def _groups(runs: dict) -> dict[str, dict[str, list]]:
 
 
 def _n(rs):
-    return f"{len(rs)} seed{'s' if len(rs) != 1 else ''}"
+    """"10 seeds", and for true labels how many of them ended without fitting the training set
+    (their collapse pulls the means)."""
+    text = f"{len(rs)} seed{'s' if len(rs) != 1 else ''}"
+    unfit = len(unfit_runs({"": rs}))
+    return text + (f", {unfit} not fitted at the end" if unfit else "")
 
 
 def _planes_figures(runs, cfg, out) -> list[str]:
