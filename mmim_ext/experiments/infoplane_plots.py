@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from mmim_ext.experiments.infoplane_merge import ESTIMATORS, estimator_label, series, unfit_runs
+from mmim_ext.experiments.reporting import log_x_axis
 
 __all__ = ["write_figures"]
 
@@ -74,7 +75,7 @@ def _ixt_epochs(ax, runs, est, title):
     cmap = matplotlib.colormaps[_LAYER_CMAP]
     for j, (layer, s) in enumerate(ms.items()):
         _band(ax, np.maximum(np.array(s["epoch"]), 1), s["xt"], s["xt_sd"], cmap(j / max(len(ms) - 1, 1)), layer)
-    ax.set_xscale("log")
+    log_x_axis(ax)
     ax.set_xlabel("epoch")
     ax.set_ylabel("I(X;T) [bits]")
     ax.set_title(title, fontsize=8)
@@ -167,7 +168,7 @@ def _convergence_figure(runs, payload, out) -> str:
             ax.plot(row["bin_width"], row["i_xt"], marker="o", ms=3, color=cmap(j / max(len(rows) - 1, 1)),
                     label=row["layer"])
         ax.axhline(math.log2(run["infoplane_config"]["n_samples"]), color="k", lw=0.7, ls="--", label="log2 N")
-        ax.set_xscale("log")
+        log_x_axis(ax)
         ax.set_xlabel("bin width (fixed-width bins)")
         ax.set_ylabel("binned I(X;T) [bits]")
         ax.set_title(f"{key}, seed {run['seed']}, final network: I(X;T) as bins shrink", fontsize=8)
@@ -197,7 +198,7 @@ def _snr_figure(runs, out) -> str:
                 v = np.array([[r["snr"] for r in run["grad_snr"] if r["layer"] == layer] for run in rs])
                 _band(ax, ep, v.mean(0), v.std(0, ddof=1) if len(rs) > 1 else 0 * ep, cmap(k / max(len(layers) - 1, 1)),
                       layer)
-            ax.set_xscale("log")
+            log_x_axis(ax)
             ax.set_yscale("log")
             ax.set_xlabel("epoch")
             ax.set_ylabel("||mean g|| / ||std g|| (minibatches of an epoch)")
@@ -243,20 +244,22 @@ def _svm_figure(runs, out) -> str:
             ax.text(0.5, 0.5, "no SVM fit: no recording with >= 99 % training accuracy", ha="center",
                     transform=ax.transAxes, fontsize=8)
             continue
-        ax.set_xscale("log")
+        log_x_axis(ax)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     noises = sorted({rs[0]["setting"]["label_noise"] for rs in runs.values() if not rs[0]["setting"]["random_labels"]})
-    markers = {"tanh": "o", "relu": "s", "relu-tanh": "^"}
-    ncmap = matplotlib.colormaps["plasma"]
+    # colour: activation and optimizer; marker: label-noise level
+    # (the same colours as the curves: the true-label setting keys "<activation>_<optimizer>", sorted)
+    nets = sorted({f"{rs[0]['setting']['activation']}_{rs[0]['setting']['optimizer']}" for rs in runs.values()})
+    markers = ("o", "s", "^", "D", "v", "P")
     for key, rs in sorted(runs.items()):
         st = rs[0]["setting"]
         if st["random_labels"]:
             continue
-        col = ncmap(noises.index(st["label_noise"]) / max(len(noises), 1))
+        col = colors(nets.index(f"{st['activation']}_{st['optimizer']}") % 10)
         ax3.scatter([r["final"]["margin_median"] for r in rs], [r["final"]["test_accuracy_clean"] for r in rs],
-                    color=col, marker=markers.get(st["activation"], "o"), s=22,
+                    color=col, marker=markers[noises.index(st["label_noise"]) % len(markers)], s=22, alpha=0.8,
                     label=f"{st['activation']} {st['optimizer']}, label noise {st['label_noise']:g}")
     ax3.set_xlabel("median normalized training margin (feature units)")
     ax3.set_ylabel("test accuracy (clean labels)")
@@ -310,7 +313,7 @@ def _probe_figures(payload, out) -> list[str]:
                 sd = np.array([r[field]["sd"] or 0.0 for r in rows])
                 _band(ax, ep, m, sd, color, label)
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
-            ax.set_xscale("log")
+            log_x_axis(ax)
             ax.set_yscale("log")
             ax.set_xlabel("epoch")
             ax.set_ylabel("ratio / Lipschitz constant")

@@ -11,7 +11,7 @@ import numpy as np
 from mmim_ext.experiments.models import ARCHS
 from mmim_ext.experiments.protocol import METHOD_LABELS, METHODS
 
-__all__ = ["format_measurements", "format_table", "format_tuning", "plot_results", "write_outputs"]
+__all__ = ["format_measurements", "format_table", "format_tuning", "log_x_axis", "plot_results", "write_outputs"]
 
 _MI_LABELS = {"pairwise_mi_sum": "Σ I(h_i;h_j)", "cond_pairwise_mi_sum": "Σ I(h_i;h_j\\|Y)",
               "sum_unit_label_mi": "Σ I(Y;h_i)", "label_mi": "I(Y;h)"}
@@ -103,18 +103,26 @@ def format_tuning(tuning: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _log_x_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
-    """The finish of a panel over a log-scaled x axis (λ, measured MI): labels, legend, grid."""
+def log_x_axis(ax) -> None:
+    """Log-scale the x axis of a panel whose data are drawn, with readable tick labels.
+
+    Matplotlib labels the minor ticks (2x10^2, 3x10^2, ...) of a range under a few decades, and
+    those labels overlap: only the decades are labelled, and 1, 2 and 5 times each decade (as
+    plain numbers) when the data span under two decades.
+    """
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
-    # Matplotlib labels the minor ticks (2x10^2, 3x10^2, ...) of a range under two decades, and
-    # those labels overlap: label 1, 2 and 5 times each decade instead, as plain numbers.
     lo, hi = ax.get_xlim()
     if lo > 0 and math.log10(hi / lo) < 2:
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _log_x_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The finish of a panel over a log-scaled x axis (λ, measured MI): labels, legend, grid."""
+    log_x_axis(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
