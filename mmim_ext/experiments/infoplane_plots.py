@@ -195,14 +195,21 @@ def _snr_figure(runs, out) -> str:
             layers = list(dict.fromkeys(r["layer"] for r in rs[0]["grad_snr"]))
             for k, layer in enumerate(layers):
                 ep = np.array([r["epoch"] for r in rs[0]["grad_snr"] if r["layer"] == layer])
-                v = np.array([[r["snr"] for r in run["grad_snr"] if r["layer"] == layer] for run in rs])
-                _band(ax, ep, v.mean(0), v.std(0, ddof=1) if len(rs) > 1 else 0 * ep, cmap(k / max(len(layers) - 1, 1)),
-                      layer)
+                v = np.array([[r["snr"] for r in run["grad_snr"] if r["layer"] == layer] for run in rs], dtype=float)
+                # A dead layer (every gradient zero) has no SNR (0/0, stored as inf or nan): such
+                # seeds are left out of that point's mean rather than blanking the curve.
+                v[~np.isfinite(v)] = np.nan
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    m = np.nanmean(v, 0)
+                    sd = np.nan_to_num(np.nanstd(v, 0, ddof=1)) if len(rs) > 1 else 0 * ep
+                _band(ax, ep, m, sd, cmap(k / max(len(layers) - 1, 1)), layer)
             log_x_axis(ax)
             ax.set_yscale("log")
             ax.set_xlabel("epoch")
             ax.set_ylabel("||mean g|| / ||std g|| (minibatches of an epoch)")
-            ax.set_title(f"{act}, {group} ({_n(rs)}): gradient SNR per layer", fontsize=8)
+            ax.set_title(f"{act}, {group} ({_n(rs)}): gradient SNR per layer\n(mean over the seeds where the "
+                         "layer's gradient is not identically zero)", fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
