@@ -444,6 +444,9 @@ def test_final_svm_only_at_the_last_recording_and_unfit_runs():
            "seed": 6, "setting": {"random_labels": False, "label_noise": 0.0}}
     assert final(run)["cosine"] is None and final(run)["train_accuracy"] == 0.5
     assert final({**run, "accuracy": [{"epoch": 400}]})["cosine"] == 0.9
+    # a soft-margin fit (the SVM misclassifies training points): no hard margin to compare with
+    soft = {**run, "svm": [{"epoch": 400, "svm_train_accuracy": 0.998}], "accuracy": [{"epoch": 400}]}
+    assert final(soft)["svm_margin"] is None
     rand = {**run, "seed": 1, "setting": {"random_labels": True, "label_noise": 0.0}}
     assert unfit_runs({"relu_sgd": [run], "relu_sgd_random": [rand]}) == [
         {"key": "relu_sgd", "seed": 6, "train_accuracy": 0.5}]

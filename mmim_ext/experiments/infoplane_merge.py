@@ -104,11 +104,14 @@ def load_probes(out: str) -> list[dict]:
 
 
 def final(run: dict) -> dict:
-    """``run["final"]``, with the SVM comparison dropped when the last recording did not fit the
-    training set (files written before the trainer checked this carry an earlier fit's numbers)."""
+    """``run["final"]``, with the SVM comparison dropped unless the last recording's features are
+    linearly separable: no SVM fit there (files written before the trainer checked this carry an
+    earlier fit's numbers), or the SVM itself misclassifies training points (then it is a
+    soft-margin fit and there is no hard margin to compare with)."""
     f = dict(run["final"])
     svm = run.get("svm") or []
-    if not svm or not run.get("accuracy") or svm[-1]["epoch"] != run["accuracy"][-1]["epoch"]:
+    if (not svm or not run.get("accuracy") or svm[-1]["epoch"] != run["accuracy"][-1]["epoch"]
+            or svm[-1].get("svm_train_accuracy", 1.0) < 1.0):
         f.update({k: None for k in SVM_FINAL_KEYS})
     return f
 

@@ -291,9 +291,10 @@ def train_one(setting: Setting, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor
                   "margin_median": final_norm["q50"], "margin_min": final_norm["min"],
                   "margin_q05": final_norm["q05"],
                   # the SVM comparison of the last recording; none when the net did not fit the training
-                  # set there (an earlier fit's numbers would describe another network)
+                  # set there (an earlier fit's numbers would describe another network) or the features
+                  # are not linearly separable (a soft-margin SVM has no hard margin to compare with)
                   **{k: (hist["svm"][-1][k] if hist["svm"] and hist["svm"][-1]["epoch"] == hist["accuracy"][-1]["epoch"]
-                         else None) for k in SVM_FINAL_KEYS}},
+                         and hist["svm"][-1]["svm_train_accuracy"] >= 1.0 else None) for k in SVM_FINAL_KEYS}},
         "wall_s": wall,
         **hist,
     }
