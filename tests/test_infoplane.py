@@ -430,8 +430,11 @@ def test_comparisons_pair_by_seed():
     binning = [r for r in comparisons(settings) if r["name"] == "binning"]
     assert {r["a"] for r in binning} == {"tanh_sgd", "relu_sgd", "tanh_adam"}
     assert all(r["mean"] == pytest.approx(1.0) for r in binning)
-    md = format_markdown({"config": {"seeds": [0, 1, 2, 3]}, "settings": {}, "comparisons": comparisons(settings)})
-    assert "| labels | tanh_sgd | tanh_sgd_random | h5 | +5.50 [" in md
+    md = format_markdown({"config": {"seeds": [0, 1, 2, 3], "kde_noise_var": 0.1}, "settings": {},
+                          "comparisons": comparisons(settings)})
+    assert "| labels | tanh_sgd | tanh_sgd_random | h5 | +5.50 [" in md and "| KDE σ²=0.1 |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| labels |"))
+    assert row.count("[") == 3  # fixed bins, KDE, adaptive bins: each with its interval
 
 
 def test_final_svm_only_at_the_last_recording_and_unfit_runs():

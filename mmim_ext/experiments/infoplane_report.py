@@ -14,8 +14,6 @@ from mmim_ext.experiments.statistics import paired_stats, spearman
 
 __all__ = ["contrasts", "comparisons", "margin_vs_accuracy", "format_markdown"]
 
-# Estimators shown in the tables, in this order (the rest stay in results.json).
-_SHOWN = ("binned_fixed", "kde_0.1", "binned_adaptive")
 _EST_LABELS = {"binned_adaptive": "adaptive bins", "binned_fixed": "fixed bins"}
 
 
@@ -126,23 +124,27 @@ def _diff(r: dict) -> str:
     return f"{r['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] {r['wins']}/{r['n']}"
 
 
-def _comparison_table(rows: list[dict]) -> list[str]:
-    lines = ["| contrast | a | b | layer | " + " | ".join(_est_label(e) for e in _SHOWN) + " |",
-             "|---|---|---|---|" + "---:|" * len(_SHOWN)]
+def _comparison_table(rows: list[dict], shown: tuple) -> list[str]:
+    lines = ["| contrast | a | b | layer | " + " | ".join(_est_label(e) for e in shown) + " |",
+             "|---|---|---|---|" + "---:|" * len(shown)]
     groups: dict = {}
     for r in rows:
         if r["name"] != "binning":
             groups.setdefault((r["name"], r["a"], r["b"], r["layer"]), {})[r["estimator"]] = r
     for (name, a, b, layer), by_est in groups.items():
         lines.append(f"| {name} | {a} | {b} | {layer} | "
-                     + " | ".join(_diff(by_est[e]) if e in by_est else "—" for e in _SHOWN) + " |")
+                     + " | ".join(_diff(by_est[e]) if e in by_est else "—" for e in shown) + " |")
     return lines
 
 
 def format_markdown(payload: dict) -> str:
     """``results.md``: per setting, compression per layer and estimator (mean ± sd over seeds), the
-    final metrics, and the paired comparisons with their 95% intervals."""
+    final metrics, and the paired comparisons with their 95% intervals (fixed bins, the KDE bound
+    at ``payload["config"]["kde_noise_var"]``, adaptive bins)."""
     settings = payload["settings"]
+    # the comparison tables show fixed bins, the KDE bound at the largest noise variance, adaptive bins
+    kde = payload["config"].get("kde_noise_var")
+    shown = ("binned_fixed",) + ((f"kde_{kde:g}",) if kde is not None else ()) + ("binned_adaptive",)
     lines = [f"Information-plane study, {len(payload['config'].get('seeds', []))} seeds; all information in bits. "
              "Compression = peak I(X;T) over the recordings minus I(X;T) at the last epoch, per seed.", ""]
     if settings:
@@ -167,7 +169,7 @@ def format_markdown(payload: dict) -> str:
         lines += ["", "### Paired differences of compression (a − b, same seeds)", "",
                   "Δ [95% t-interval] w/n: mean paired difference in bits, its interval, and in how many of the n "
                   "seeds a compressed more than b.", ""]
-        lines += _comparison_table(rows)
+        lines += _comparison_table(rows, shown)
         lines += ["", "Adaptive minus fixed bins, same runs:", "", "| setting | layer | Δ [95% t-interval] w/n |",
                   "|---|---|---:|"]
         lines += [f"| {r['a']} | {r['layer']} | {_diff(r)} |" for r in rows if r["name"] == "binning"]
@@ -179,7 +181,7 @@ def format_markdown(payload: dict) -> str:
                   + ", ".join(f"{u['key']} seed {u['seed']} ({u['train_accuracy']:.3f})" for u in unfit)
                   + ". The contrasts that involve them, on the remaining seeds:", ""]
         lines += _comparison_table([r for r in payload.get("comparisons_fitted_only") or []
-                                    if r["name"] != "binning" and (r["a"] in keys or r["b"] in keys)])
+                                    if r["name"] != "binning" and (r["a"] in keys or r["b"] in keys)], shown)
     mva = payload.get("margin_vs_test_accuracy") or {}
     fit = payload.get("margin_vs_test_accuracy_fitted_only") or {}
     if mva:
