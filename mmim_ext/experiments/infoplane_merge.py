@@ -15,7 +15,7 @@ import math
 import os
 
 from mmim_ext.experiments.infoplane_report import comparisons, format_markdown, margin_vs_accuracy
-from mmim_ext.experiments.infoplane_train import FIT_ACCURACY, SVM_FINAL_KEYS
+from mmim_ext.experiments.infoplane_train import FIT_ACCURACY, SVM_FINAL_KEYS, svm_is_current
 
 __all__ = ["ESTIMATORS", "load_runs", "load_probes", "series", "compression", "mean_sd", "final", "unfit_runs",
            "summarize_runs", "merge", "run_path", "probe_path", "estimator_label"]
@@ -104,14 +104,10 @@ def load_probes(out: str) -> list[dict]:
 
 
 def final(run: dict) -> dict:
-    """``run["final"]``, with the SVM comparison dropped unless the last recording's features are
-    linearly separable: no SVM fit there (files written before the trainer checked this carry an
-    earlier fit's numbers), or the SVM itself misclassifies training points (then it is a
-    soft-margin fit and there is no hard margin to compare with)."""
+    """``run["final"]``, with the SVM fields ``None`` unless :func:`svm_is_current` (files written
+    before the trainer applied that rule carry an earlier fit's, or a soft-margin fit's, numbers)."""
     f = dict(run["final"])
-    svm = run.get("svm") or []
-    if (not svm or not run.get("accuracy") or svm[-1]["epoch"] != run["accuracy"][-1]["epoch"]
-            or svm[-1].get("svm_train_accuracy", 1.0) < 1.0):
+    if not svm_is_current(run.get("svm") or [], run.get("accuracy") or []):
         f.update({k: None for k in SVM_FINAL_KEYS})
     return f
 
@@ -136,7 +132,8 @@ def summarize_runs(runs: list[dict]) -> dict:
     for layer in layers:
         per_layer[layer] = {e: {**mean_sd([c[layer] for c in comp[e]]), "values": [c[layer] for c in comp[e]]}
                             for e in ests}
-    finals = {k: mean_sd([final(r)[k] for r in runs]) for k in runs[0]["final"]}
+    fins = [final(r) for r in runs]
+    finals = {k: mean_sd([f[k] for f in fins]) for k in fins[0]}
     return {"setting": runs[0]["setting"], "seeds": [r["seed"] for r in runs], "compression": per_layer,
             "final": finals, "wall_s": mean_sd([r["wall_s"] for r in runs])}
 

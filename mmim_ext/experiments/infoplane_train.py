@@ -16,7 +16,8 @@ from mmim_ext.diagnostics import GradientSNR, margin_quantiles, svm_alignment, w
 from mmim_ext.infoplane import InfoPlaneRecorder, binned_mi
 
 __all__ = ["ACTIVATIONS", "OPTIMIZERS", "DEFAULT_LR", "WIDTHS", "Setting", "RunConfig", "build_net",
-           "binning_schemes", "train_one", "CONVERGENCE_WIDTHS", "FIT_ACCURACY", "SVM_FINAL_KEYS"]
+           "binning_schemes", "train_one", "CONVERGENCE_WIDTHS", "FIT_ACCURACY", "SVM_FINAL_KEYS",
+           "svm_is_current"]
 
 WIDTHS = (12, 10, 7, 5, 4, 3, 2)
 #: "relu-tanh": ReLU hidden layers with a tanh last hidden layer (one compressive layer).
@@ -33,6 +34,15 @@ FIT_ACCURACY = 0.99
 SVM_FINAL_KEYS = ("cosine", "net_margin", "svm_margin", "converged")
 #: Bin widths of the convergence curve of binned I(X;T) on the final network.
 CONVERGENCE_WIDTHS = tuple(10.0 ** (-k / 2) for k in range(0, 13))
+
+
+def svm_is_current(svm: list[dict], accuracy: list[dict]) -> bool:
+    """Whether the last SVM comparison (``svm[-1]``) describes the final network: it was made at
+    the last recording (not at an earlier fit the net has since lost) on linearly separable
+    features (the SVM classifies every training point; a soft-margin fit has no hard margin to
+    compare with). A run's ``final`` SVM fields are ``None`` otherwise."""
+    return (bool(svm) and bool(accuracy) and svm[-1]["epoch"] == accuracy[-1]["epoch"]
+            and svm[-1].get("svm_train_accuracy", 1.0) >= 1.0)
 
 
 @dataclass(frozen=True)
@@ -290,11 +300,8 @@ def train_one(setting: Setting, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor
                   "test_accuracy_clean": float((logits[test_idx].argmax(1) == y[test_idx]).double().mean()),
                   "margin_median": final_norm["q50"], "margin_min": final_norm["min"],
                   "margin_q05": final_norm["q05"],
-                  # the SVM comparison of the last recording; none when the net did not fit the training
-                  # set there (an earlier fit's numbers would describe another network) or the features
-                  # are not linearly separable (a soft-margin SVM has no hard margin to compare with)
-                  **{k: (hist["svm"][-1][k] if hist["svm"] and hist["svm"][-1]["epoch"] == hist["accuracy"][-1]["epoch"]
-                         and hist["svm"][-1]["svm_train_accuracy"] >= 1.0 else None) for k in SVM_FINAL_KEYS}},
+                  **{k: (hist["svm"][-1][k] if svm_is_current(hist["svm"], hist["accuracy"]) else None)
+                     for k in SVM_FINAL_KEYS}},
         "wall_s": wall,
         **hist,
     }
